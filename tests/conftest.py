@@ -1,0 +1,45 @@
+"""Shared fixtures. Tests are offline, seeded and fast; models are built locally with random weights."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never touch the network: any attempt to reach the Hugging Face hub fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from minivlm.gpt2 import GPT2, GPT2Config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def hf_gpt2(preset: str, std: float | None = None):
+    """A `transformers` GPT2LMHeadModel of a named size with random weights (no download), in eval mode.
+
+    With `std`, every weight matrix is redrawn with that spread: GPT-2's own init (0.02) makes an
+    untrained model predict nearly the same token everywhere, which would let decoding tests pass
+    trivially; larger weights make its outputs vary from position to position.
+    """
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config.from_preset(preset).to_hf()).eval()
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.normal_(0.0, std)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """(transformers' GPT-2, ours with the same weights), tiny preset, weights spread enough to vary."""
+    torch.manual_seed(0)
+    hf = hf_gpt2("tiny", std=0.3)
+    return hf, GPT2.from_hf(hf).eval()
