@@ -240,7 +240,9 @@ class MultiHeadSelfAttention(nn.Module):
                 out, weights = out
         else:
             t, s = q.shape[-2], k.shape[-2]
-            if causal and mask is None and t == s:
+            if mask is None and (not causal or t == 1):  # one new query may see every key: no mask at all
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            elif causal and mask is None and t == s:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
             else:
                 shape = (*q.shape[:-1], s)  # (B, H, T, S)

@@ -9,7 +9,7 @@ column and the next token is always appended on the right; positions are then co
 prompt's first real token (`position_ids = attention_mask.cumsum(-1) - 1`), so padding changes nothing.
 
 Works with our `minivlm.gpt2.GPT2` and with `transformers`' `GPT2LMHeadModel`: both take
-(input_ids, attention_mask, position_ids, past_key_values, use_cache) and return `.logits`.
+(input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep) and return `.logits`.
 Axis letters: B batch, T prompt tokens, N new tokens, V vocabulary.
 """
 
@@ -63,10 +63,11 @@ def greedy(
                 position_ids=positions[:, -step_ids.shape[1] :],
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
             cache = out.past_key_values
         else:
-            out = model(ids, attention_mask=mask, position_ids=positions)
+            out = model(ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         next_token = out.logits[:, -1].argmax(dim=-1)  # (B,)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, eos_token_id)

@@ -140,8 +140,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, bias: Tensor | None, cache: KVCache | None, layer: int, return_weights: bool):
-        # The causal and padding masks are already folded into `bias` by GPT2.forward.
-        a, weights = self.attn(self.ln_1(x), bias, causal=False, cache=cache, layer=layer, return_weights=return_weights)
+        # With padding, GPT2.forward has folded the causal and padding masks into `bias`; without, the
+        # attention applies the causal mask itself (and can use PyTorch's fast is_causal path).
+        a, weights = self.attn(
+            self.ln_1(x), bias, causal=bias is None, cache=cache, layer=layer, return_weights=return_weights
+        )
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -190,6 +193,7 @@ class GPT2(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
+        logits_to_keep: int = 0,
     ) -> GPT2Output:
         """Next-token logits for every position.
 
@@ -198,6 +202,8 @@ class GPT2(nn.Module):
         position_ids (B, T): defaults to past_length, past_length + 1, ...; with left padding pass
           `attention_mask.cumsum(-1) - 1` instead, as generation does.
         past_key_values / use_cache: continue from a KVCache and return it updated.
+        logits_to_keep: compute logits for the last n positions only (0 = all), as in transformers;
+          decoding needs just the last one, and the (D, V) output layer is a third of GPT-2 124M's work.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
@@ -222,22 +228,26 @@ class GPT2(nn.Module):
             position_ids = torch.arange(past, s, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
         x = self.transformer.drop(inputs_embeds + self.transformer.wpe(position_ids))
 
-        # One additive mask for all layers: causal (each token sees itself and the past) + padding.
-        mask = None
+        # With padding: one additive mask for all layers, causal (each token sees itself and the past)
+        # + padding (nobody sees a padding token).
+        bias = None
         if attention_mask is not None:
             if attention_mask.shape != (b, s):
                 raise ValueError(
                     f"expected an attention_mask of shape (B, S) = ({b}, {s}) covering cached and new "
                     f"tokens, got {tuple(attention_mask.shape)}"
                 )
-            mask = padding_mask(attention_mask)  # (B, 1, 1, S)
-        bias = attention_bias(mask, causal=True, shape=(b, 1, t, s), dtype=x.dtype, device=x.device)
+            if not attention_mask.bool().all():
+                mask = padding_mask(attention_mask)  # (B, 1, 1, S)
+                bias = attention_bias(mask, causal=True, shape=(b, 1, t, s), dtype=x.dtype, device=x.device)
 
         attentions = []
         for i, block in enumerate(self.transformer.h):
             x, weights = block(x, bias, cache, i, output_attentions)
             attentions.append(weights)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V), or (B, logits_to_keep, V)
         return GPT2Output(
             logits=logits,
             past_key_values=cache if use_cache else None,

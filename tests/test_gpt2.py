@@ -232,3 +232,20 @@ def test_hub_name_offline_fails_fast_with_advice(tmp_path, monkeypatch):
 def test_missing_local_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no GPT-2 directory at .*nowhere"):
         load_hf_gpt2(tmp_path / "nowhere")
+
+
+def test_logits_to_keep_computes_only_the_last_positions(tiny_pair):
+    hf, ours = tiny_pair
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        last = ours(ids, logits_to_keep=1).logits
+        assert last.shape == (2, 1, 128)
+        assert_close(last, ours(ids).logits[:, -1:], **TOL)
+        assert_close(last, hf(ids, logits_to_keep=1).logits, **TOL)
+
+
+def test_an_all_ones_attention_mask_changes_nothing(tiny_pair):
+    _, ours = tiny_pair
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert_close(ours(ids, attention_mask=torch.ones(2, 9)).logits, ours(ids).logits, **TOL)

@@ -1,0 +1,24 @@
+"""The benchmark script runs end to end (on tiny sizes) and writes its numbers; it times nothing itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_benchmark_quick_run_prints_every_ratio(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/core.py", "--quick", "--json", str(tmp_path / "bench.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    for heading in ("1. Attention", "2. GPT-2 forward", "3. Greedy generation"):
+        assert heading in out.stdout
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["attention"]["ours_over_torch"] > 0 and results["attention"]["max_abs_diff"] < 1e-5
+    assert results["gpt2_forward"]["sdpa"]["max_abs_logit_diff"] < 1e-4
+    assert all(row["identical_tokens"] for row in results["generation"])
