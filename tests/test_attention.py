@@ -37,24 +37,19 @@ def test_causal_equals_sdpa(shape):
     assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=True), **TOL)
 
 
+@pytest.mark.parametrize("kind", ["boolean", "float"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_boolean_mask_equals_sdpa(shape):
+def test_explicit_mask_equals_sdpa(shape, kind):
+    """A boolean mask (True = may attend) or a float mask added to the scores, as PyTorch takes them."""
     b, h, t, s, _ = shape
     q, k, v = qkv(*shape)
-    mask = torch.rand(b, 1, t, s) > 0.5
-    mask[..., torch.randint(s, ())] = True  # every query keeps at least one key
+    if kind == "boolean":
+        mask = torch.rand(b, 1, t, s) > 0.5
+        mask[..., torch.randint(s, ())] = True  # every query keeps at least one key
+    else:
+        mask = torch.randn(b, h, t, s)
     assert_close(
         scaled_dot_product_attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **TOL
-    )
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_float_mask_equals_sdpa(shape):
-    b, h, t, s, _ = shape
-    q, k, v = qkv(*shape)
-    bias = torch.randn(b, h, t, s)
-    assert_close(
-        scaled_dot_product_attention(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias), **TOL
     )
 
 

@@ -17,6 +17,17 @@ TOL = dict(atol=1e-5, rtol=0)
 LEFT_PADDED = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]])
 
 
+def assert_padded_logits_equal(ours, hf, mask: torch.Tensor) -> None:
+    """Same logits at every real (unpadded) position, positions counted from each row's first token."""
+    ids = torch.randint(0, hf.config.vocab_size, mask.shape)
+    positions = positions_from_mask(mask)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, position_ids=positions).logits
+        b = hf(ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert_close(a[real], b[real], **TOL)
+
+
 @pytest.fixture(scope="module")
 def gpt2_124m_pair():
     """GPT-2 124M's exact architecture (GPT2Config() defaults), random init: no download."""
@@ -45,13 +56,7 @@ def test_gpt2_124m_config_logits_equal_transformers(gpt2_124m_pair):
 
 def test_gpt2_124m_config_with_padding_equals_transformers(gpt2_124m_pair):
     hf, ours = gpt2_124m_pair
-    ids = torch.randint(0, 50257, (3, 8))
-    positions = positions_from_mask(LEFT_PADDED)
-    with torch.no_grad():
-        a = ours(ids, attention_mask=LEFT_PADDED, position_ids=positions).logits
-        b = hf(ids, attention_mask=LEFT_PADDED, position_ids=positions).logits
-    real = LEFT_PADDED.bool()
-    assert_close(a[real], b[real], **TOL)
+    assert_padded_logits_equal(ours, hf, LEFT_PADDED)
 
 
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
@@ -59,14 +64,7 @@ def test_gpt2_124m_config_with_padding_equals_transformers(gpt2_124m_pair):
 def test_padding_and_attention_mask_equal_transformers(tiny_pair, impl, side):
     hf, _ = tiny_pair
     ours = GPT2.from_hf(hf, attn_impl=impl).eval()
-    mask = LEFT_PADDED if side == "left" else LEFT_PADDED.flip(1)
-    ids = torch.randint(0, 128, mask.shape)
-    positions = positions_from_mask(mask)
-    with torch.no_grad():
-        a = ours(ids, attention_mask=mask, position_ids=positions).logits
-        b = hf(ids, attention_mask=mask, position_ids=positions).logits
-    real = mask.bool()
-    assert_close(a[real], b[real], **TOL)
+    assert_padded_logits_equal(ours, hf, LEFT_PADDED if side == "left" else LEFT_PADDED.flip(1))
 
 
 def test_padding_does_not_change_real_tokens(tiny_pair):
