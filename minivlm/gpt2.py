@@ -280,6 +280,23 @@ class GPT2(nn.Module):
         if unexpected:
             raise ValueError(f"the checkpoint has weights this GPT-2 does not use, e.g. {unexpected[:3]}")
 
+    def to_hf(self) -> GPT2LMHeadModel:
+        """A `transformers` GPT2LMHeadModel with this model's weights: the key map, read backwards.
+
+        This is how the course's own small GPT-2 is saved (`save_pretrained`), so that anything that
+        reads GPT-2 checkpoints, `GPT2.from_pretrained` included, can load it.
+        """
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel(self.config.to_hf())
+        ours = self.state_dict()
+        hf_state = {
+            hf_key: ours[key].t() if transpose else ours[key]
+            for key, (hf_key, transpose) in hf_key_map(self.config.n_layer).items()
+        }
+        hf.load_state_dict(hf_state, strict=True)  # every weight, no more, no fewer
+        return hf.train(self.training)
+
     @classmethod
     def from_hf(cls, hf_model: GPT2LMHeadModel, **overrides) -> GPT2:
         """Our GPT-2 with the configuration and weights of a `transformers` GPT2LMHeadModel."""

@@ -247,3 +247,15 @@ def test_an_all_ones_attention_mask_changes_nothing(tiny_pair):
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         assert_close(ours(ids, attention_mask=torch.ones(2, 9)).logits, ours(ids).logits, **TOL)
+
+
+def test_to_hf_round_trip(tiny_pair, tmp_path):
+    """Our weights -> transformers -> save_pretrained -> ours again: the same logits all the way."""
+    _, ours = tiny_pair
+    hf = ours.to_hf().eval()
+    ids = torch.randint(0, 128, (2, 7))
+    hf.save_pretrained(tmp_path / "exported")
+    back = GPT2.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        assert_close(hf(ids).logits, ours(ids).logits, **TOL)
+        assert_close(back(ids).logits, ours(ids).logits, **TOL)
