@@ -1,0 +1,154 @@
+"""The text corpus that the course's small GPT-2 is pretrained on, before it is frozen.
+
+What it teaches: a frozen language model can only be steered by a visual prefix if its pretraining
+taught it to *use its context*. An LM pretrained on independent captions learns the grammar and
+ignores what came before; then nothing put in front of a caption changes it. So besides captions the
+corpus holds documents that are only predictable by reading back:
+
+- "repeat": a caption said again ("a small red circle. a small red circle."): copying from context;
+- "qa": a caption followed by questions about it and their answers: reading an attribute from context;
+- "binding": descriptions, each followed by a made-up name ("a small red circle. this is a dax."),
+  then a new description of the same kind, whose name can only come from the earlier lines: in-context
+  name binding, the skill Frozen's few-shot results rest on (Tsimpoukelli et al., 2021, section 4.2);
+- "drill": a list of made-up words said again: copying tokens never seen in that order before, which
+  builds "induction heads" (Olsson et al., 2022), the attention pattern that finds the earlier copy of
+  the current token and predicts what followed it.
+
+Made-up words are drawn fresh for every document ("kumo vefasi ..."), so no name can be memorised: the
+only way to predict it is to find it earlier in the context. Every document is a pure function of
+(seed, index), like the shapes world's samples.
+
+The scenes come from the shapes world. `strict=True` keeps the held-out colour–shape pairs out of the
+text too (the stricter compositional test: the LM never read "a red triangle").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minivlm.data import shapes as S
+
+__all__ = ["KINDS", "NAMES", "CorpusConfig", "made_up_word", "document", "documents", "binding_prompt"]
+
+KINDS = ("caption", "repeat", "qa", "binding", "drill")
+# Names in the style of the Frozen paper's miniImageNet tasks; half of all binding documents use these,
+# the other half fresh made-up words.
+NAMES = ("dax", "blicket", "wug", "zib", "fep", "toma", "kiki", "bouba", "gazzer", "tufa", "modi", "pilk")
+CONSONANTS = "bdfgklmnprstvz"
+VOWELS = "aeiou"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """How the corpus is mixed; the defaults are what the course's LM is pretrained on."""
+
+    mix: dict[str, float] = field(
+        default_factory=lambda: {"caption": 1.0, "repeat": 1.0, "qa": 1.0, "binding": 1.0, "drill": 1.0}
+    )  # relative frequency of each document kind in KINDS
+    seed: int = 0  # with a document's index, fixes its text
+    strict: bool = False  # True: no held-out colour–shape pair appears anywhere in the text
+
+    def __post_init__(self):
+        unknown = sorted(set(self.mix) - set(KINDS))
+        if unknown or not self.mix:
+            raise ValueError(f"unknown document kinds {unknown} in mix; expected some of {KINDS}")
+        if any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
+            raise ValueError(f"mix weights must be non-negative and not all zero, got {self.mix}")
+
+
+def made_up_word(rng: np.random.Generator) -> str:
+    """A pronounceable nonsense word of 1–3 syllables ("ko", "vefasi", "dunmil")."""
+    syllables = []
+    for _ in range(int(rng.integers(1, 4))):
+        coda = CONSONANTS[rng.integers(len(CONSONANTS))] if rng.random() < 0.3 else ""
+        syllables.append(CONSONANTS[rng.integers(len(CONSONANTS))] + VOWELS[rng.integers(len(VOWELS))] + coda)
+    return "".join(syllables)
+
+
+def _names(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct names: from NAMES or made up, half the time each."""
+    if rng.random() < 0.5:
+        return [NAMES[j] for j in rng.permutation(len(NAMES))[:n]]
+    names: list[str] = []
+    while len(names) < n:
+        word = made_up_word(rng)
+        if word not in names and word not in S.SHAPES + S.COLOURS + S.SIZES:
+            names.append(word)
+    return names
+
+
+def _scene(rng: np.random.Generator, strict: bool) -> S.Scene:
+    """A scene for the text; held-out pairs appear (as often as any other pair) unless strict."""
+    split = "train" if strict or rng.random() < 0.8 else "heldout"
+    return S.sample_scene(split, seed=int(rng.integers(1 << 31)), index=0)
+
+
+def _phrase(rng: np.random.Generator, strict: bool, *, shape: str | None = None, colour: str | None = None) -> str:
+    """'a {size} {colour} {shape}.' with the given attributes fixed and the rest drawn."""
+    while True:
+        s = shape or S.SHAPES[rng.integers(len(S.SHAPES))]
+        c = colour or S.COLOURS[rng.integers(len(S.COLOURS))]
+        if not (strict and (c, s) in S.HELD_OUT_PAIRS):
+            return f"a {S.SIZES[rng.integers(len(S.SIZES))]} {c} {s}."
+
+
+def binding_prompt(
+    rng: np.random.Generator, ways: int, shots: int, *, task_induction: bool, strict: bool = False, queries: int = 1
+) -> tuple[str, str]:
+    """A fast-binding episode as text: (prompt ending in 'this is a', the query's name).
+
+    Each of `ways` categories (shapes for up to 4 ways, colours for 5) gets a name; `shots` described
+    examples of each, in random order, are each followed by 'this is a <name>.'; with task induction the
+    episode opens with 'answer with <name> or <name>.'. `queries` - 1 more solved examples come before
+    the final, unanswered one.
+    """
+    if not 1 <= ways <= len(S.COLOURS):
+        raise ValueError(f"ways must be 1 to {len(S.COLOURS)}, got {ways}")
+    by_shape = ways <= len(S.SHAPES)
+    pool = S.SHAPES if by_shape else S.COLOURS
+    categories = [pool[j] for j in rng.permutation(len(pool))[:ways]]
+    names = _names(rng, ways)
+
+    def example(w: int) -> str:
+        key = {"shape": categories[w]} if by_shape else {"colour": categories[w]}
+        return _phrase(rng, strict, **key)
+
+    parts = [f"answer with {' or '.join(names)}."] if task_induction else []
+    order = np.repeat(np.arange(ways), shots)[rng.permutation(ways * shots)]
+    parts += [f"{example(w)} this is a {names[w]}." for w in order]
+    asked = [int(rng.integers(ways)) for _ in range(queries)]
+    parts += [f"{example(w)} this is a {names[w]}." for w in asked[:-1]]
+    parts.append(f"{example(asked[-1])} this is a")
+    return " ".join(parts), names[asked[-1]]
+
+
+def document(config: CorpusConfig, index: int) -> str:
+    """Document `index` of the corpus: a pure function of (config, index)."""
+    rng = np.random.default_rng([config.seed, index])
+    kinds = list(config.mix)
+    weights = np.array([config.mix[k] for k in kinds], dtype=float)
+    kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    if kind == "caption":
+        return S.caption(_scene(rng, config.strict))
+    if kind == "repeat":
+        return " ".join([S.caption(_scene(rng, config.strict))] * int(rng.integers(2, 4)))
+    if kind == "qa":
+        scene = _scene(rng, config.strict)
+        pairs = S.questions(scene)
+        asked = rng.permutation(len(pairs))[: int(rng.integers(1, 4))]
+        return S.caption(scene) + "".join(f" q: {pairs[j][0]} a: {pairs[j][1]}." for j in asked)
+    if kind == "binding":
+        ways = int(rng.choice([2, 2, 3, 5]))
+        prompt, name = binding_prompt(rng, ways, int(rng.integers(1, 4)), task_induction=bool(rng.random() < 0.5),
+                                      strict=config.strict, queries=int(rng.integers(1, 4)))  # fmt: skip
+        return f"{prompt} {name}."
+    words = " ".join(made_up_word(rng) for _ in range(int(rng.integers(4, 12))))  # drill
+    return f"{words}. {words}."
+
+
+def documents(config: CorpusConfig, n: int, start: int = 0) -> Iterator[str]:
+    """Documents start, start + 1, ..., start + n - 1."""
+    return (document(config, i) for i in range(start, start + n))

@@ -1,0 +1,107 @@
+"""The LM's text corpus: deterministic, grammatical, and built so that context must be read."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from minivlm.corpus import KINDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word
+from minivlm.data import shapes as S
+
+PHRASE = re.compile(rf"a ({'|'.join(S.SIZES)}) ({'|'.join(S.COLOURS)}) ({'|'.join(S.SHAPES)})")
+
+
+def test_documents_are_a_pure_function_of_config_and_index():
+    config = CorpusConfig()
+    assert list(documents(config, 50)) == list(documents(config, 50))
+    assert list(documents(config, 10, start=20)) == [document(config, i) for i in range(20, 30)]
+    assert list(documents(config, 50)) != list(documents(CorpusConfig(seed=1), 50))
+
+
+def test_the_default_mix_holds_every_kind():
+    docs = list(documents(CorpusConfig(), 300))
+    assert sum(d.count("this is a") > 0 for d in docs) > 20  # binding
+    assert sum(" q: " in d for d in docs) > 20  # qa
+    halves = [d[: len(d) // 2].strip() == d[len(d) // 2 :].strip() for d in docs]
+    assert sum(halves) > 40  # repeats and drills say the same text twice
+    assert all(d and d.endswith(".") for d in docs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_alone(kind):
+    docs = list(documents(CorpusConfig(mix={kind: 1.0}), 40))
+    if kind == "caption":
+        assert all(S.try_parse(d) is not None for d in docs)
+    elif kind == "repeat":
+        for d in docs:
+            sentences = [s + "." for s in d.split(". ") if s]
+            sentences[-1] = sentences[-1].rstrip(".") + "."
+            assert len(set(sentences)) == 1 and 2 <= len(sentences) <= 3 and S.try_parse(sentences[0])
+    elif kind == "qa":
+        for d in docs:
+            caption, _, rest = d.partition(" q: ")
+            S.parse_caption(caption)
+            assert re.fullmatch(r"([a-z ]+\? a: [a-z]+\.)( q: [a-z ]+\? a: [a-z]+\.){0,2}", rest), d
+    elif kind == "drill":
+        for d in docs:
+            first, second = d[:-1].split(". ")
+            assert first == second and 4 <= len(first.split()) <= 11
+    else:  # binding: every query's name is the one bound to its category earlier in the document
+        for d in docs:
+            check_binding(d)
+
+
+def check_binding(text: str) -> None:
+    """Every 'X. this is a N.' after the first of its category names the category's first name."""
+    examples = re.findall(rf"({PHRASE.pattern})\. this is a (\w+)\.", text)
+    assert len(examples) >= 2
+    five_way = len({e[4] for e in examples}) == 5
+    bound: dict[str, str] = {}
+    for _, size, colour, shape, name in examples:
+        category = colour if five_way else shape
+        assert bound.setdefault(category, name) == name, text
+
+
+def test_binding_prompt_answers_are_bound_in_context():
+    rng = np.random.default_rng(0)
+    for ways, shots in [(2, 1), (2, 5), (5, 1), (3, 3)]:
+        for induction in (True, False):
+            prompt, name = binding_prompt(rng, ways, shots, task_induction=induction)
+            assert prompt.endswith("this is a") and not prompt.endswith(" ")
+            check_binding(f"{prompt} {name}.")
+            names = re.findall(r"this is a (\w+)\.", prompt)
+            assert len(names) == ways * shots and len(set(names)) == ways and name in names
+            assert prompt.startswith("answer with ") == induction
+
+
+def test_made_up_names_are_fresh_and_not_world_words():
+    rng = np.random.default_rng(0)
+    words = {made_up_word(rng) for _ in range(500)}
+    assert len(words) > 400
+    assert all(w.isalpha() and w.islower() for w in words)
+    docs = list(documents(CorpusConfig(mix={"binding": 1.0}), 200))
+    used = {n for d in docs for n in re.findall(r"this is a (\w+)\.", d)}
+    assert used & set(NAMES) and used - set(NAMES)  # both the classic names and made-up ones
+    assert not used & set(S.SHAPES + S.COLOURS + S.SIZES)
+
+
+def test_strict_corpus_never_mentions_a_held_out_pair():
+    def pairs(config):
+        found = set()
+        for d in documents(config, 2000):
+            found |= {(c, s) for _, c, s in PHRASE.findall(d)}
+        return found & set(S.HELD_OUT_PAIRS)
+
+    assert pairs(CorpusConfig()) == set(S.HELD_OUT_PAIRS)  # the default text does name them
+    assert pairs(CorpusConfig(strict=True)) == set()
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown document kinds"):
+        CorpusConfig(mix={"novels": 1.0})
+    with pytest.raises(ValueError, match="not all zero"):
+        CorpusConfig(mix={"caption": 0.0})
+    with pytest.raises(ValueError, match="ways must be"):
+        binding_prompt(np.random.default_rng(0), 6, 1, task_induction=False)
