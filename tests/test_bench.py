@@ -22,3 +22,16 @@ def test_core_benchmark_quick_run_prints_every_ratio(tmp_path):
     assert results["attention"]["ours_over_torch"] > 0 and results["attention"]["max_abs_diff"] < 1e-5
     assert results["gpt2_forward"]["sdpa"]["max_abs_logit_diff"] < 1e-4
     assert all(row["identical_tokens"] for row in results["generation"])
+
+
+def test_lm_benchmark_quick_run_prints_every_number(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/lm.py", "--quick", "--json", str(tmp_path / "lm.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    for line in ("pretraining time", "held-out perplexity", "copy, test captions", "2-way, with task induction"):
+        assert line in out.stdout
+    results = json.loads((tmp_path / "lm.json").read_text())
+    assert results["preset"] == "tiny" and results["heldout_perplexity"] > 1
+    assert {(row["ways"], row["task_induction"]) for row in results["binding"]} == {(2, True), (2, False), (5, True), (5, False)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,15 @@ def test_run_py_explains_itself_and_rejects_unknown_commands():
     out = run("run.py", "--help")
     assert out.returncode == 0 and "python3 run.py demo" in out.stdout
     assert run("run.py", "deploy").returncode == 2
+
+
+def test_pretrain_lm_caches_then_loads(tmp_path):
+    env = {**os.environ, "MINIVLM_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-m", "minivlm", "pretrain-lm", "--preset", "tiny"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "cached in" in first.stdout and "2-way name binding" in first.stdout
+    assert list((tmp_path / "lm").iterdir())[0].name.startswith("tiny-")
+    again = subprocess.run([sys.executable, "-m", "minivlm", "pretrain-lm", "--preset", "tiny"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert again.returncode == 0 and "pretraining" not in again.stderr  # no progress bar: loaded, not trained

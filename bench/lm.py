@@ -1,0 +1,88 @@
+"""The course LM, measured: pretraining time, held-out perplexity, and whether it reads its context.
+
+Pretrains the course's small GPT-2 from scratch (`minivlm.lm.pretrain`, not the cache: the time is
+the point), then probes it with text alone (`minivlm.probes`):
+
+- pretraining time on this machine (target: at most 5 minutes on 2 CPU cores);
+- perplexity on held-out corpus documents (never trained on);
+- copy accuracy: "CAPTION." continued by " CAPTION." exactly, on test-split captions, and on
+  held-out-split captions (colour–shape pairs no training *image* has; the default corpus does name them);
+- N-way fast binding (Frozen's task, in text): 2-way and 5-way, 1 shot, with and without task
+  induction ("answer with dax or wug."); chance is 1 / N;
+- question answering from a caption in the prompt.
+
+Run from the repository root:
+    .venv/bin/python bench/lm.py               # the "cpu" preset: the course's LM (about 5 minutes)
+    .venv/bin/python bench/lm.py --quick       # the "tiny" preset, seconds: proves the script runs
+    .venv/bin/python bench/lm.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from minivlm.data import shapes as S
+from minivlm.lm import LM_PRESETS, evaluate_perplexity, heldout_texts, pretrain
+from minivlm.probes import answer_accuracy, binding_accuracy, copy_accuracy
+
+TARGET_SECONDS = 300  # pretraining on 2 CPU cores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu", choices=sorted(LM_PRESETS), help="course LM preset (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="the tiny preset and few probes: a smoke run")
+    parser.add_argument("--episodes", type=int, default=200, help="prompts per probe (default: 200)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    args = parser.parse_args()
+    preset, n = ("tiny", 20) if args.quick else (args.preset, args.episodes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"course LM preset {preset!r}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")  # fmt: skip
+
+    start = time.perf_counter()
+    model, tokenizer, stats = pretrain(preset, progress=False)
+    seconds = time.perf_counter() - start  # tokenizer, token stream and training
+    config = LM_PRESETS[preset]
+    results = {
+        "preset": preset,
+        "params": stats["params"],
+        "tokens_seen": stats["tokens_seen"],
+        "pretrain_seconds": round(seconds, 1),
+        "train_loop_seconds": stats["train_seconds"],
+        "heldout_perplexity": round(evaluate_perplexity(model, tokenizer, heldout_texts(config), config.n_positions), 3),
+        "copy_test": copy_accuracy(model, tokenizer, [S.caption(S.sample_scene("test", 0, i)) for i in range(n)]),
+        "copy_heldout": copy_accuracy(model, tokenizer, [S.caption(S.sample_scene("heldout", 0, i)) for i in range(n)]),
+        "answer": answer_accuracy(model, tokenizer, [S.sample_scene("test", 0, i) for i in range(n)]),
+        "binding": [
+            {"ways": ways, "shots": 1, "task_induction": ti, "chance": 1 / ways,
+             "accuracy": binding_accuracy(model, tokenizer, ways=ways, shots=1, task_induction=ti, episodes=n)}
+            for ways in (2, 5) for ti in (True, False)
+        ],  # fmt: skip
+    }
+    ok = "within" if seconds <= TARGET_SECONDS else "OVER"
+    print(f"\nparameters             {results['params']:>10,}")
+    print(f"tokens seen            {results['tokens_seen']:>10,}")
+    print(f"pretraining time       {seconds:>10.1f} s   ({ok} the {TARGET_SECONDS} s target)")
+    print(f"held-out perplexity    {results['heldout_perplexity']:>10.3f}")
+    print(f"copy, test captions    {results['copy_test']:>10.1%}   ({n} captions)")
+    print(f"copy, held-out pairs   {results['copy_heldout']:>10.1%}")
+    print(f"question answering     {results['answer']:>10.1%}")
+    print("\nfast binding, 1 shot   accuracy   chance")
+    for row in results["binding"]:
+        label = f"{row['ways']}-way, {'with' if row['task_induction'] else 'no'} task induction"
+        print(f"  {label:<30} {row['accuracy']:>6.1%}   {row['chance']:>6.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

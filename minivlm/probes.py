@@ -1,0 +1,86 @@
+"""Text-only probes: does the pretrained LM read its context? Copying, name binding, answering.
+
+Perplexity says how well an LM predicts text on average; it does not say whether the LM *uses what
+came before*, and that is the only thing a visual prefix can work through. These probes ask it
+directly, with greedy decoding (`minivlm.decoding.greedy`), before any image is involved:
+
+- copy: after "a small red circle." does it go on " a small red circle."? (the corpus's repeats)
+- bind: after "a red circle. this is a dax. a blue square. this is a wug. a green circle. this is a"
+  does it say " dax."? Names are drawn fresh for each episode, so only the context can tell (Frozen's
+  fast-binding task, Tsimpoukelli et al., 2021, in text); chance is 1 / ways.
+- answer: after "<caption> q: what colour is the circle? a:" does it say the right colour?
+
+A probe scores an answer right only if the continuation starts with exactly the expected text, the
+closing "." included. Works with our GPT2 and transformers' GPT2LMHeadModel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from minivlm.corpus import binding_prompt
+from minivlm.data import shapes as S
+from minivlm.decoding import greedy
+
+__all__ = ["complete", "accuracy", "copy_accuracy", "binding_accuracy", "answer_accuracy"]
+
+
+@torch.no_grad()
+def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of `prompts` (batched, left-padded), each cut at <|endoftext|> or the context's end."""
+    context = model.config.n_positions
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
+                          padding_side="left", add_special_tokens=False)  # fmt: skip
+        t = batch["input_ids"].shape[1]
+        if t >= context:
+            raise ValueError(f"a prompt of {t} tokens leaves no room in the model's context of {context} tokens")
+        new = greedy(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                     max_new_tokens=min(max_new_tokens, context - t), eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def accuracy(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> float:
+    """Fraction of prompts whose greedy continuation starts with its target."""
+    if len(prompts) != len(targets) or not prompts:
+        raise ValueError(f"need as many targets as prompts, and at least one: got {len(prompts)} and {len(targets)}")
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    continuations = complete(model, tokenizer, prompts, max_new_tokens=longest + 1)
+    return float(np.mean([c.startswith(t) for c, t in zip(continuations, targets)]))
+
+
+def copy_accuracy(model: nn.Module, tokenizer, captions: Sequence[str]) -> float:
+    """After a caption, does the LM say it again, word for word?"""
+    return accuracy(model, tokenizer, list(captions), [f" {c}" for c in captions])
+
+
+def binding_accuracy(
+    model: nn.Module, tokenizer, *, ways: int, shots: int = 1, task_induction: bool = True, episodes: int = 200,
+    seed: int = 0, strict: bool = False,
+) -> float:  # fmt: skip
+    """Open-ended N-way fast binding in text: is the query's name, bound earlier in the prompt, said next?"""
+    rng = np.random.default_rng([seed, ways, shots, task_induction])
+    episodes_ = [binding_prompt(rng, ways, shots, task_induction=task_induction, strict=strict) for _ in range(episodes)]
+    return accuracy(model, tokenizer, [p for p, _ in episodes_], [f" {name}." for _, name in episodes_])
+
+
+def answer_accuracy(model: nn.Module, tokenizer, scenes: Sequence[S.Scene], seed: int = 0) -> float:
+    """After '<caption> q: <question> a:', is the one-word answer right? One random question per scene."""
+    rng = np.random.default_rng(seed)
+    prompts, targets = [], []
+    for scene in scenes:
+        pairs = S.questions(scene)
+        question, answer = pairs[rng.integers(len(pairs))]
+        prompts.append(f"{S.caption(scene)} q: {question} a:")
+        targets.append(f" {answer}.")
+    return accuracy(model, tokenizer, prompts, targets)

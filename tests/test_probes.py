@@ -1,0 +1,102 @@
+"""The text probes score what they claim: an oracle scores 100%, plausible wrong rules score chance or less."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from minivlm.corpus import CorpusConfig, documents
+from minivlm.data import shapes as S
+from minivlm.probes import answer_accuracy, binding_accuracy, complete, copy_accuracy
+from minivlm.tokenizer import train_tokenizer
+
+CAPTIONS = [S.caption(S.sample_scene("test", 0, i)) for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(documents(CorpusConfig(), 2000), vocab_size=400)
+
+
+class Oracle(nn.Module):
+    """A stand-in LM that answers each prompt with `rule(prompt)`, one token per step, through greedy's cache API.
+
+    Its "KV cache" is simply the tokens so far; a row's prompt is recognised as the longest text it starts with
+    that ends a prompt ('.', 'this is a', 'a:'), the way the probes build them.
+    """
+
+    def __init__(self, tokenizer, rule):
+        super().__init__()
+        self.tokenizer, self.rule = tokenizer, rule
+        self.config = SimpleNamespace(n_positions=512)
+        self.anchor = nn.Parameter(torch.zeros(1))  # so that next(model.parameters()) gives a device
+        self.prompt_tokens = None  # (B,) prompt lengths, known at the first call of each batch
+
+    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0):  # fmt: skip
+        if past_key_values is None:
+            self.prompt_tokens = attention_mask.sum(-1)
+            ids = input_ids
+        else:
+            ids = torch.cat([past_key_values, input_ids], dim=1)
+        logits = torch.full((len(ids), 1, len(self.tokenizer)), -1e9)
+        for b, (row, mask) in enumerate(zip(ids, attention_mask)):
+            real = row[mask.bool()]
+            prompt = self.tokenizer.decode(real[: self.prompt_tokens[b]])
+            answer = [*self.tokenizer(self.rule(prompt), add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
+            done = len(real) - int(self.prompt_tokens[b])
+            logits[b, 0, answer[min(done, len(answer) - 1)]] = 0.0
+        return SimpleNamespace(logits=logits, past_key_values=ids if use_cache else None)
+
+
+def solve_binding(prompt: str) -> str:
+    """Name the query after the earlier example that shares its category (shape, or colour in 5-way)."""
+    examples = re.findall(r"a \w+ (\w+) (\w+)\. this is a (\w+)\.", prompt)
+    colour, shape = re.search(r"a \w+ (\w+) (\w+)\. this is a$", prompt).groups()
+    five_way = len({name for *_, name in examples}) == 5
+    return next(f" {n}." for c, s, n in examples if (c == colour if five_way else s == shape))
+
+
+def first_name(prompt: str) -> str:
+    """A plausible wrong rule: repeat the first name in the prompt (position, not content)."""
+    return " " + re.search(r"this is a (\w+)\.", prompt).group(1) + "."
+
+
+def test_complete_returns_the_continuation_without_the_prompt(tokenizer):
+    out = complete(Oracle(tokenizer, lambda p: " a large red square."), tokenizer, CAPTIONS[:3], max_new_tokens=20)
+    assert out == [" a large red square."] * 3
+    short = complete(Oracle(tokenizer, lambda p: " a large red square."), tokenizer, CAPTIONS[:1], max_new_tokens=2)
+    assert short == [" a large"]
+
+
+def test_copy_probe(tokenizer):
+    assert copy_accuracy(Oracle(tokenizer, lambda p: " " + p), tokenizer, CAPTIONS) == 1.0
+    assert copy_accuracy(Oracle(tokenizer, lambda p: " a small red circle."), tokenizer, CAPTIONS) < 0.2
+    assert copy_accuracy(Oracle(tokenizer, lambda p: " " + p[:-1] + ","), tokenizer, CAPTIONS) == 0.0  # the '.' counts
+
+
+@pytest.mark.parametrize("ways", [2, 5])
+def test_binding_probe(tokenizer, ways):
+    score = lambda rule, **kw: binding_accuracy(Oracle(tokenizer, rule), tokenizer, ways=ways, episodes=100, **kw)
+    assert score(solve_binding) == 1.0
+    assert score(solve_binding, task_induction=False, shots=3) == 1.0
+    assert abs(score(first_name) - 1 / ways) < 0.15  # about chance
+    assert score(lambda p: " dax.") < 0.2  # one fixed name
+
+
+def test_answer_probe(tokenizer):
+    scenes = [S.sample_scene("test", 0, i) for i in range(40)]
+    truth = {f"{S.caption(s)} q: {q} a:": f" {a}." for s in scenes for q, a in S.questions(s)}
+    assert answer_accuracy(Oracle(tokenizer, truth.__getitem__), tokenizer, scenes) == 1.0
+    assert answer_accuracy(Oracle(tokenizer, lambda p: " yes."), tokenizer, scenes) < 0.3
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tokenizer):
+    model = Oracle(tokenizer, lambda p: " x.")
+    model.config.n_positions = 8
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 8 tokens"):
+        complete(model, tokenizer, CAPTIONS[:2], max_new_tokens=5)
