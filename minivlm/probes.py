@@ -4,7 +4,8 @@ Perplexity says how well an LM predicts text on average; it does not say whether
 came before*, and that is the only thing a visual prefix can work through. These probes ask it
 directly, with greedy decoding (`minivlm.decoding.greedy`), before any image is involved:
 
-- copy: after "a small red circle." does it go on " a small red circle."? (the corpus's repeats)
+- copy: after "a small red circle. a" does it go on " small red circle."? (the corpus's repeats; the
+  prompt's " a", which starts every caption, says that the text goes on rather than ends)
 - bind: after "a red circle. this is a dax. a blue square. this is a wug. a green circle. this is a"
   does it say " dax."? Names are drawn fresh for each episode, so only the context can tell (Frozen's
   fast-binding task, Tsimpoukelli et al., 2021, in text); chance is 1 / ways.
@@ -60,8 +61,10 @@ def accuracy(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Seque
 
 
 def copy_accuracy(model: nn.Module, tokenizer, captions: Sequence[str]) -> float:
-    """After a caption, does the LM say it again, word for word?"""
-    return accuracy(model, tokenizer, list(captions), [f" {c}" for c in captions])
+    """After a caption and the " a" that starts every caption, does the LM say the caption again, word for word?"""
+    if not all(c.startswith("a ") for c in captions):
+        raise ValueError("copy_accuracy expects shapes-world captions, which all start with 'a '")
+    return accuracy(model, tokenizer, [f"{c} a" for c in captions], [c[1:] for c in captions])
 
 
 def binding_accuracy(

@@ -74,9 +74,12 @@ def test_complete_returns_the_continuation_without_the_prompt(tokenizer):
 
 
 def test_copy_probe(tokenizer):
-    assert copy_accuracy(Oracle(tokenizer, lambda p: " " + p), tokenizer, CAPTIONS) == 1.0
-    assert copy_accuracy(Oracle(tokenizer, lambda p: " a small red circle."), tokenizer, CAPTIONS) < 0.2
-    assert copy_accuracy(Oracle(tokenizer, lambda p: " " + p[:-1] + ","), tokenizer, CAPTIONS) == 0.0  # the '.' counts
+    again = lambda p: p[p.index(" ") : -2]  # noqa: E731  "CAPTION a" -> " <CAPTION after its 'a'>"
+    assert copy_accuracy(Oracle(tokenizer, again), tokenizer, CAPTIONS) == 1.0
+    assert copy_accuracy(Oracle(tokenizer, lambda p: " small red circle."), tokenizer, CAPTIONS) < 0.2
+    assert copy_accuracy(Oracle(tokenizer, lambda p: again(p)[:-1] + ","), tokenizer, CAPTIONS) == 0.0  # '.' counts
+    with pytest.raises(ValueError, match="shapes-world captions"):
+        copy_accuracy(Oracle(tokenizer, again), tokenizer, ["the cat sat."])
 
 
 @pytest.mark.parametrize("ways", [2, 5])
