@@ -176,6 +176,16 @@ class KVCache:
             raise ValueError(f"layers must fill the cache in order: got layer {layer}, cache has {len(self.keys)}")
         return self.keys[layer], self.values[layer]
 
+    def reorder(self, index: Tensor) -> None:
+        """Make row i of every layer a copy of row index[i]: beam search keeps each surviving beam's parent.
+
+        index: (B',) row numbers, in the new order; a row may appear several times (a beam with two
+        surviving children) or not at all (a beam that was dropped). transformers' `Cache.reorder_cache`
+        does the same.
+        """
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
 
 class MultiHeadSelfAttention(nn.Module):
     """H attention heads side by side, each looking at the sequence through its own K-wide projection.

@@ -160,6 +160,24 @@ def test_module_impls_agree_with_padding_and_cache():
         assert_close(torch.cat(steps, dim=1)[real], full[real], **TOL)
 
 
+def test_cache_reorder_copies_rows_like_transformers():
+    """Beam search's reorder: row i becomes old row index[i] in every layer, exactly as DynamicCache.reorder_cache."""
+    from transformers import DynamicCache
+
+    ours, theirs = KVCache(), DynamicCache()
+    for layer in range(2):
+        k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)  # (B, H, S, K)
+        ours.update(k, v, layer)
+        theirs.update(k, v, layer)
+    index = torch.tensor([2, 0, 0])  # beam 2 survives once, beam 0 twice, beam 1 not at all
+    ours.reorder(index)
+    theirs.reorder_cache(index)
+    for layer in range(2):
+        assert torch.equal(ours.keys[layer], theirs.layers[layer].keys)
+        assert torch.equal(ours.values[layer], theirs.layers[layer].values)
+    assert torch.equal(ours.keys[0][1], ours.keys[0][2]) and ours.get_seq_length() == 5
+
+
 def test_module_rejects_bad_configuration_and_input():
     with pytest.raises(ValueError, match="not divisible"):
         MultiHeadSelfAttention(30, 4)
