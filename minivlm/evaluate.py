@@ -1,0 +1,175 @@
+"""Scoring generated captions: exact match and per-attribute accuracy, then BLEU, ROUGE-L and CIDEr.
+
+What it teaches: two kinds of evaluation side by side. Because shapes-world captions follow a grammar,
+`attribute_scores` reads each generated caption back with the world's parser (`shapes.try_parse`) and
+says exactly *what* it got wrong: a colour, a shape, a size, how many objects, a relation. The n-gram
+metrics captioning papers report (BLEU, Papineni et al., 2002; ROUGE-L, Lin, 2004; CIDEr, Vedantam et
+al., 2015) only measure overlap with reference text; `caption_metrics` computes them with
+`pycocoevalcap`, the reference implementation behind the COCO caption leaderboard, so our numbers
+mean what the papers' numbers mean. On the shapes world one swapped colour costs a caption its exact
+match but barely dents BLEU: the table from `metrics_table` shows both.
+
+One image, several true captions. A scene's caption lists its objects in an order the image does not
+show: "a red circle to the left of a blue square." and "a blue square to the right of a red circle."
+describe the same picture, and the world draws either with equal chance. A perfect model can therefore
+match the one stored caption on only about 63% of test images. `true_captions(scene)` lists every
+caption the world could have written for a scene's image; pass those as the references (the canonical
+caption first) to score a model on what it can see.
+
+Tokenisation: pycocoevalcap's PTBTokenizer needs Java, so we tokenise simply instead (`simple_tokenize`):
+lowercase, punctuation replaced by spaces, tokens split on whitespace. For shapes-world captions this
+drops only the final "." and the ", which is" comma, as the PTB tokenizer would. METEOR and SPICE also
+need Java and are left out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Sequence
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from minivlm.data import shapes as S
+
+__all__ = [
+    "ATTRIBUTES", "CAPTION_METRICS", "true_captions", "simple_tokenize", "attribute_scores", "caption_metrics",
+    "evaluate_captions", "metrics_table",
+]  # fmt: skip
+
+ATTRIBUTES = ("exact match", "parsed", "count", "colour", "shape", "size", "relation")  # attribute_scores' keys
+CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")  # caption_metrics' keys
+OBJECT_FIELDS = ("size", "colour", "shape")  # the order of ParsedScene.objects' tuples
+
+References = Sequence[str] | Sequence[Sequence[str]]  # one caption per image, or several
+
+
+def true_captions(scene: S.Scene) -> list[str]:
+    """Every caption the world could write for this scene's image, its own caption first.
+
+    An order of the objects gives a caption when each neighbouring pair stands in one clear relation
+    (the rule `sample_scene` draws layouts by); the reversed order always does, others sometimes.
+    """
+    captions = [S.caption(scene)]
+    for objects in itertools.permutations(scene.objects):
+        relations = tuple(S._relation((a.x, a.y), (b.x, b.y), S.RADIUS[a.size] + S.RADIUS[b.size])
+                          for a, b in zip(objects, objects[1:]))  # fmt: skip
+        if None not in relations and (text := S.caption(S.Scene(objects, relations))) not in captions:
+            captions.append(text)
+    return captions
+
+
+def simple_tokenize(text: str) -> str:
+    """Lowercase, punctuation to spaces, single spaces: the text pycocoevalcap's scorers expect, without Java."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _reference_lists(predictions: Sequence[str], references: References) -> list[list[str]]:
+    """`references` as one non-empty list of captions per prediction, or a ValueError saying what is wrong."""
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise ValueError("predictions and references are sequences of captions, not one string")
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need one reference (or list of references) per prediction, and at least one prediction: "
+                         f"got {len(predictions)} predictions and {len(references)} references")  # fmt: skip
+    lists = [[refs] if isinstance(refs, str) else list(refs) for refs in references]
+    if empty := [i for i, refs in enumerate(lists) if not refs]:
+        raise ValueError(f"every prediction needs at least one reference; predictions {empty[:5]} have none")
+    return lists
+
+
+def _hits(prediction: S.ParsedScene | None, reference: S.ParsedScene) -> dict[str, int]:
+    """How many of the reference's count, object attributes and relations the prediction states at the same place."""
+    hits = dict.fromkeys(ATTRIBUTES[2:], 0)
+    if prediction is None:
+        return hits
+    hits["count"] = int(len(prediction.objects) == len(reference.objects))
+    for said, true in zip(prediction.objects, reference.objects):
+        for field, a, b in zip(OBJECT_FIELDS, said, true):
+            hits[field] += a == b
+    hits["relation"] = sum(a == b for a, b in zip(prediction.relations, reference.relations))
+    return hits
+
+
+def attribute_scores(predictions: Sequence[str], references: References) -> dict[str, float]:
+    """Exact match, parse rate and per-attribute accuracy of generated captions, through the world's parser.
+
+    Each prediction is stripped of surrounding whitespace, then scored against its image's references:
+    - exact match: fraction of predictions equal to one of their references (also stripped).
+    - parsed: fraction of predictions the caption grammar accepts (`shapes.try_parse`).
+    - count: fraction of predictions that parse and name as many objects as the reference.
+    - colour, shape, size: over all objects of all references, the fraction whose prediction parses
+      and names, at the same position in caption order, an object of that colour (shape, size).
+      Position i is compared with position i only; extra objects in a prediction cost nothing here
+      (they cost count and exact match).
+    - relation: over all relations of all references, the fraction the prediction states at the same
+      position ("to the left of" between its objects 1 and 2, ...); NaN when no reference has one.
+    An unparseable prediction scores 0 on every attribute. With several references for an image
+    (`true_captions`), the prediction is scored against the one it agrees with most (ties: the first).
+    References must be shapes-world captions; `parse_caption` says where one is not.
+    """
+    reference_lists = _reference_lists(predictions, references)
+    exact = parsed = 0
+    hits = dict.fromkeys(ATTRIBUTES[2:], 0)
+    totals = dict.fromkeys(ATTRIBUTES[2:], 0)
+    for prediction, refs in zip(predictions, reference_lists):
+        prediction = prediction.strip()
+        said = S.try_parse(prediction)
+        exact += prediction in [r.strip() for r in refs]
+        parsed += said is not None
+        trues = [S.parse_caption(r.strip()) for r in refs]
+        best, true = max(((_hits(said, t), t) for t in trues), key=lambda pair: sum(pair[0].values()))
+        for key in hits:
+            hits[key] += best[key]
+        n_objects = len(true.objects)
+        totals["count"] += 1
+        for field in OBJECT_FIELDS:
+            totals[field] += n_objects
+        totals["relation"] += len(true.relations)
+    n = len(predictions)
+    scores = {"exact match": exact / n, "parsed": parsed / n}
+    return scores | {key: hits[key] / totals[key] if totals[key] else math.nan for key in hits}
+
+
+def caption_metrics(predictions: Sequence[str], references: References) -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr from pycocoevalcap, on `simple_tokenize`d text, as fractions.
+
+    BLEU is corpus-level (clipped n-gram counts summed over all images, brevity penalty against the
+    closest reference length); ROUGE-L is the mean over images of an LCS F-score (beta = 1.2).
+    pycocoevalcap's CIDEr is CIDEr-D (clipped counts, a length penalty) on a 0–10 scale; papers report
+    it times 100, as `metrics_table` does. Its n-gram weights (IDF) come from the references of the
+    set being scored: an n-gram found in every image's references weighs nothing, and on one image
+    every n-gram does, so CIDEr is 0. Score many images (hundreds) at once, and compare CIDEr only
+    between runs on the same references. CIDEr averages over an image's references, so a caption equal
+    to one of two different references scores below the maximum.
+    """
+    reference_lists = _reference_lists(predictions, references)
+    res = {i: [simple_tokenize(p)] for i, p in enumerate(predictions)}  # image id -> [one candidate]
+    gts = {i: [simple_tokenize(r) for r in refs] for i, refs in enumerate(reference_lists)}  # id -> references
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return dict(zip(CAPTION_METRICS, [float(b) for b in bleu] + [float(rouge), float(cider)]))
+
+
+def evaluate_captions(predictions: Sequence[str], references: References) -> dict[str, float]:
+    """Every number for one set of generations: `attribute_scores`, then `caption_metrics`."""
+    return attribute_scores(predictions, references) | caption_metrics(predictions, references)
+
+
+def metrics_table(results: dict[str, dict[str, float]]) -> str:
+    """A markdown table of {split: {metric: fraction}}: one column per split, values in % to 1 decimal.
+
+    Metrics are rows, in the order they first appear; a metric a split lacks, or a NaN, shows as "–".
+    CIDEr, a 0–10 score, also shows times 100, as papers report it.
+    """
+    if not results:
+        raise ValueError("metrics_table needs at least one split, e.g. {'test': evaluate_captions(...)}")
+    names = list(dict.fromkeys(name for scores in results.values() for name in scores))
+    lines = ["| metric | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    for name in names:
+        values = [scores.get(name, math.nan) for scores in results.values()]
+        lines.append(f"| {name} | " + " | ".join("–" if math.isnan(v) else f"{100 * v:.1f}" for v in values) + " |")
+    return "\n".join(lines)
