@@ -1,0 +1,213 @@
+"""The Frozen captioner: image encoder -> prefix mapper -> P visual "words" ahead of the caption, into a frozen GPT-2.
+
+What it teaches: how a language model that has only ever read text learns to describe images without
+changing a single one of its weights. Frozen (Tsimpoukelli et al., 2021, "Multimodal Few-Shot Learning
+with Frozen Language Models") and ClipCap (Mokady et al., 2021, "ClipCap: CLIP Prefix for Image
+Captioning") train only the vision side. The image becomes P vectors in the LM's embedding space
+(`minivlm.cnn` then `minivlm.prefix`); they are placed before the caption's token embeddings, and the
+LM is asked to predict the caption, token by token:
+
+    position:  0 .. P-1            P        P+1   ...  P+T-1
+    input:     prefix vectors      "a"      "small" ... <|endoftext|>
+    predicts:  -  ..  "a"          "small"  "blue"  ...  -
+
+The labels over the prefix are -100 (ignored): the prefix is given, not predicted. The last prefix
+position predicts the first word, so the caption needs no start token, and the EOT after each caption
+is a label like any other, so the model learns where to stop. Gradients flow *through* the frozen LM
+into the prefix (see `minivlm.lm.freeze`); the optimiser holds only the encoder's and mapper's weights.
+
+Two switches keep the LM frozen: `freeze` sets requires_grad False on every LM weight, and
+`Captioner.train` keeps the LM in eval mode (no dropout) however often the captioner is put in training
+mode. `train_lm=True` is the control experiment: the LM's weights are trained as well (still without
+dropout, so the only difference is which weights learn).
+
+The LM is either our `minivlm.gpt2.GPT2` or transformers' `GPT2LMHeadModel`: both take `inputs_embeds`,
+`attention_mask` and `position_ids` and return `.logits`.
+
+Axis letters: B batch, P prefix tokens, T caption tokens, D the LM's width, V vocabulary, N new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import repeat
+from torch import Tensor, nn
+
+from minivlm.cnn import CNN_PRESETS, ENCODERS, build_encoder
+from minivlm.data.captions import IGNORE_INDEX
+from minivlm.lm import freeze, next_token_loss
+from minivlm.prefix import MAPPERS, PrefixMapper, build_mapper, embedding_scale
+
+__all__ = ["CaptionerConfig", "CAPTIONER_PRESETS", "CaptionerOutput", "Captioner"]
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """The vision side of a captioner and how it meets the LM; the LM itself is passed in."""
+
+    encoder: str = "cnn"  # "cnn": a SmallCNN learned from scratch; "resnet18": torchvision's ResNet-18
+    cnn_preset: str = "cpu"  # the CNN_PRESETS entry, when encoder is "cnn"
+    encoder_weights: str | None = None  # a ResNet-18 state dict file, when encoder is "resnet18" (None: random init)
+    image_size: int = 32  # S: images are (B, 3, S, S)
+    mapper: str = "mlp"  # "linear" (Frozen), "mlp" (ClipCap) or "transformer" (ClipCap, for a frozen LM)
+    prefix_length: int = 4  # P: visual tokens ahead of the caption
+    normalize_prefix: bool = True  # scale each prefix vector to the LM's embedding length (False: the ablation)
+    train_lm: bool = False  # the control experiment: fine-tune the LM too, instead of freezing it
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {ENCODERS}")
+        if self.cnn_preset not in CNN_PRESETS:
+            raise ValueError(f"unknown CNN preset {self.cnn_preset!r}; choose one of {sorted(CNN_PRESETS)}")
+        if self.mapper not in MAPPERS:
+            raise ValueError(f"unknown mapper kind {self.mapper!r}; choose one of {sorted(MAPPERS)}")
+        if self.prefix_length < 1:
+            raise ValueError(f"prefix_length must be at least 1, got {self.prefix_length}")
+
+
+# "tiny": for tests, with any tiny LM. "cpu": the course's captioner for the course LM on a laptop.
+CAPTIONER_PRESETS: dict[str, CaptionerConfig] = {
+    "tiny": CaptionerConfig(cnn_preset="tiny", mapper="linear", prefix_length=2),
+    "cpu": CaptionerConfig(),
+}
+
+
+@dataclass
+class CaptionerOutput:
+    """What a forward pass returns: the LM's logits over prefix and caption, and the loss when labels were given."""
+
+    logits: Tensor  # (B, P + T, V)
+    loss: Tensor | None = None  # mean next-token cross-entropy over the caption's labelled tokens
+
+
+class Captioner(nn.Module):
+    """An image encoder and a prefix mapper that learn to write a visual prefix for a frozen language model."""
+
+    def __init__(self, encoder: nn.Module, mapper: PrefixMapper, lm: nn.Module, *, train_lm: bool = False):
+        super().__init__()
+        d = lm.get_input_embeddings().embedding_dim
+        if mapper.embed_dim != d:
+            raise ValueError(
+                f"the mapper writes vectors of width {mapper.embed_dim}, the LM's embeddings have width {d}"
+            )
+        if mapper.in_dim != encoder.out_dim:
+            raise ValueError(f"the encoder gives {encoder.out_dim} features, the mapper expects {mapper.in_dim}")
+        self.encoder = encoder
+        self.mapper = mapper
+        self.lm = freeze(lm) if not train_lm else lm.requires_grad_(True).eval()
+        self.train_lm = train_lm
+        self.prefix_length = mapper.prefix_length  # P
+        self.context = lm.config.n_positions  # the most positions the LM can see: P + T must fit
+
+    @classmethod
+    def from_config(cls, lm: nn.Module, config: CaptionerConfig | str = "cpu") -> Captioner:
+        """Build the encoder and mapper a config (or CAPTIONER_PRESETS name) describes, around this LM."""
+        if isinstance(config, str):
+            if config not in CAPTIONER_PRESETS:
+                raise ValueError(f"unknown captioner preset {config!r}; choose one of {sorted(CAPTIONER_PRESETS)}")
+            config = CAPTIONER_PRESETS[config]
+        encoder = build_encoder(config.encoder, config.image_size, preset=config.cnn_preset,
+                                weights=config.encoder_weights)  # fmt: skip
+        scale = embedding_scale(lm) if config.normalize_prefix else None
+        d = lm.get_input_embeddings().embedding_dim
+        mapper = build_mapper(config.mapper, encoder.out_dim, d, config.prefix_length, scale)
+        return cls(encoder, mapper, lm, train_lm=config.train_lm)
+
+    def train(self, mode: bool = True) -> Captioner:
+        """Set training mode on the vision side; the LM stays in eval mode (no dropout) either way."""
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The weights an optimiser should hold: the encoder's and mapper's (and the LM's, with train_lm)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def prefix(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> the visual prefix (B, P, D), in the LM's embedding space."""
+        return self.mapper(self.encoder(images))
+
+    def _check_length(self, t: int) -> None:
+        if self.prefix_length + t > self.context:
+            raise ValueError(
+                f"a prefix of {self.prefix_length} tokens and {t} text tokens make {self.prefix_length + t} positions, "
+                f"more than the language model's context of {self.context}; shorten the captions (max_length) or P"
+            )
+
+    def embed(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The LM's input: (inputs_embeds (B, P + T, D), attention_mask (B, P + T)), the prefix then the tokens."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape {tuple(input_ids.shape)}"
+            )
+        self._check_length(input_ids.shape[1])
+        prefix = self.prefix(images)  # (B, P, D); checks the images
+        if prefix.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"got {prefix.shape[0]} images but {input_ids.shape[0]} rows of input_ids; they must pair up"
+            )
+        tokens = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
+        ones = attention_mask.new_ones(prefix.shape[:2])  # (B, P): the prefix is always attended to
+        return torch.cat([prefix, tokens], dim=1), torch.cat([ones, attention_mask], dim=1)
+
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None) -> CaptionerOutput:  # fmt: skip
+        """Logits (B, P + T, V) for prefix + caption; with labels (B, T), unshifted, -100 on padding, the loss too.
+
+        Captions are right-padded (as `CaptionCollator` makes them), so positions are simply 0 .. P+T-1.
+        """
+        embeds, mask = self.embed(images, input_ids, attention_mask)
+        positions = repeat(torch.arange(embeds.shape[1], device=embeds.device), "s -> b s", b=embeds.shape[0])
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits  # (B, P + T, V)
+        if labels is None:
+            return CaptionerOutput(logits)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
+        ignored = labels.new_full((labels.shape[0], self.prefix_length), IGNORE_INDEX)  # (B, P): not predicted
+        # Shifted inside: position P-1 (the last prefix vector) predicts the caption's first token.
+        return CaptionerOutput(logits, next_token_loss(logits, torch.cat([ignored, labels], dim=1)))
+
+    def prompt_embeds(self, images: Tensor, prompt_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Where generation starts: (inputs_embeds (B, P + T, D), attention_mask), the prefix and an optional prompt.
+
+        prompt_ids: (T,) one prompt for every image, or (B, T); None for the prefix alone (how the
+        captioner was trained: the caption begins right after the prefix).
+        """
+        if prompt_ids is None:
+            prefix = self.prefix(images)  # (B, P, D)
+            return prefix, torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        if prompt_ids.ndim == 1:
+            prompt_ids = repeat(prompt_ids, "t -> b t", b=images.shape[0])
+        return self.embed(images, prompt_ids)
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, tokenizer, max_new_tokens: int = 32, prompt: str | None = None,
+                 **decoding_kwargs) -> list[str]:  # fmt: skip
+        """Caption each image: decode from the prefix (and an optional text prompt), stop at EOT, return the texts.
+
+        Runs in eval mode (restored afterwards). decoding_kwargs go to `minivlm.decoding.generate`
+        (strategy="greedy", "beam" or "sample", ...). The texts are the continuation, without the prompt.
+        """
+        from minivlm.decoding import generate  # only generation needs the decoding code
+
+        prompt_ids = None
+        if prompt is not None:
+            prompt_ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"], device=images.device)
+        was_training = self.training
+        self.eval()
+        try:
+            embeds, mask = self.prompt_embeds(images, prompt_ids)
+            self._check_length(embeds.shape[1] - self.prefix_length + max_new_tokens)
+            eot = tokenizer.eos_token_id
+            new = generate(self.lm, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                           eos_token_id=eot, **decoding_kwargs)  # (B, N)  # fmt: skip
+        finally:
+            self.train(was_training)
+        rows = [row[: row.index(eot)] if eot in row else row for row in new.tolist()]  # cut at the first EOT
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]

@@ -1,0 +1,252 @@
+"""The Frozen captioner: training moves only the vision side and leaves the LM bit-identical, with our GPT-2 and
+transformers' alike; the loss starts at the last prefix position and skips padding; generation continues the prefix."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import minivlm.decoding as decoding
+from conftest import hf_gpt2
+from minivlm.captioner import CAPTIONER_PRESETS, Captioner, CaptionerConfig
+from minivlm.cnn import SmallCNN
+from minivlm.data.captions import CaptionCollator, ShapesCaptions
+from minivlm.data.shapes import ShapesWorld
+from minivlm.gpt2 import GPT2, GPT2Config
+from minivlm.prefix import LinearMapper
+from minivlm.tokenizer import train_tokenizer
+
+TINY = CAPTIONER_PRESETS["tiny"]  # tiny CNN, linear mapper, P = 2
+P = TINY.prefix_length
+BACKENDS = ["minivlm", "transformers"]
+
+
+@pytest.fixture(scope="module")
+def lms():
+    """The same random tiny GPT-2 (V = 128, context 64, dropout 0.1) as ours and as transformers' GPT2LMHeadModel.
+
+    Weights are spread (std 0.3) so the LM's predictions vary with their input, and a prefix can steer them.
+    """
+    torch.manual_seed(0)
+    hf = hf_gpt2("tiny", std=0.3)
+    return {"minivlm": GPT2.from_hf(hf), "transformers": hf}
+
+
+def captioner(lm, config: CaptionerConfig = TINY, seed: int = 0) -> Captioner:
+    """A captioner around a private copy of `lm`; the same seed gives the same vision side."""
+    torch.manual_seed(seed)
+    return Captioner.from_config(copy.deepcopy(lm), config)
+
+
+def batch(b: int = 4, t: int = 6, v: int = 128, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random images and right-padded token rows of lengths t, t-1, ..., as CaptionCollator makes them."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([max(1, t - i) for i in range(b)])
+    mask = (torch.arange(t) < lengths[:, None]).long()  # (B, T)
+    ids = torch.randint(2, v, (b, t), generator=g).masked_fill(mask == 0, 1)
+    return {"images": torch.rand(b, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100)}  # fmt: skip
+
+
+def loss_of(model: Captioner, data: dict) -> torch.Tensor:
+    return model(data["images"], data["input_ids"], data["attention_mask"], data["labels"]).loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_moves_only_the_vision_side(lms, backend):
+    """THE property of Frozen: after AdamW steps every LM weight is bit-identical and never had a gradient."""
+    model = captioner(lms[backend]).train()
+    assert model.encoder.training and not model.lm.training  # train() leaves the LM in eval mode: no dropout
+    lm_before = {name: t.clone() for name, t in model.lm.state_dict().items()}
+    vision_before = [p.clone() for p in model.encoder.parameters()]
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in [*model.encoder.parameters(), *model.mapper.parameters()]}
+    data = batch()
+    losses = []
+    for _ in range(5):
+        loss = loss_of(model, data)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    for name, t in model.lm.state_dict().items():
+        assert torch.equal(t, lm_before[name]), f"the frozen LM's {name} changed"
+    assert all(p.grad is None and not p.requires_grad for p in model.lm.parameters())
+    assert not model.lm.training
+    assert any(not torch.equal(a, b) for a, b in zip(model.encoder.parameters(), vision_before))
+
+
+def test_both_backends_give_the_same_loss(lms):
+    ours = captioner(lms["minivlm"]).eval()
+    vision = copy.deepcopy(ours.encoder), copy.deepcopy(ours.mapper)
+    theirs = Captioner(*vision, copy.deepcopy(lms["transformers"])).eval()
+    data = batch()
+    with torch.no_grad():
+        a = ours(data["images"], data["input_ids"], data["attention_mask"], data["labels"])
+        b = theirs(data["images"], data["input_ids"], data["attention_mask"], data["labels"])
+    real = torch.cat([torch.ones(4, P, dtype=torch.bool), data["attention_mask"].bool()], dim=1)
+    assert_close(a.logits[real], b.logits[real], atol=1e-5, rtol=0)
+    assert_close(a.loss, b.loss, atol=1e-5, rtol=0)
+
+
+def test_loss_is_next_token_cross_entropy_over_the_caption_only(lms):
+    """Position P-1+t predicts caption token t: the last prefix vector predicts the first token, padding is skipped."""
+    model = captioner(lms["minivlm"]).eval()
+    data = batch()
+    with torch.no_grad():
+        out = model(data["images"], data["input_ids"], data["attention_mask"], data["labels"])
+    t = data["input_ids"].shape[1]
+    assert out.logits.shape == (4, P + t, 128)
+    predictions = out.logits[:, P - 1 : P - 1 + t]  # (B, T, V): the scores for caption tokens 0 .. T-1
+    real = data["attention_mask"].bool()
+    assert_close(out.loss, F.cross_entropy(predictions[real], data["input_ids"][real]))
+
+    first_only = data["labels"].clone()
+    first_only[:, 1:] = -100
+    with torch.no_grad():
+        loss = model(data["images"], data["input_ids"], data["attention_mask"], first_only).loss
+    assert_close(loss, F.cross_entropy(out.logits[:, P - 1], data["input_ids"][:, 0]))
+
+
+def test_padding_tokens_change_nothing(lms):
+    model = captioner(lms["minivlm"]).eval()
+    data = batch()
+    other = dict(data, input_ids=data["input_ids"].masked_fill(data["attention_mask"] == 0, 77))
+    with torch.no_grad():
+        a, b = model(**data), model(**other)
+    real = torch.cat([torch.ones(4, P, dtype=torch.bool), data["attention_mask"].bool()], dim=1)
+    assert_close(a.logits[real], b.logits[real])
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_embed_puts_the_prefix_before_the_tokens(lms):
+    model = captioner(lms["transformers"]).eval()
+    data = batch()
+    with torch.no_grad():
+        embeds, mask = model.embed(data["images"], data["input_ids"], data["attention_mask"])
+        prefix = model.prefix(data["images"])
+    assert prefix.shape == (4, P, 32) and embeds.shape == (4, P + 6, 32)
+    assert_close(embeds[:, :P], prefix)
+    assert torch.equal(embeds[:, P:], model.lm.get_input_embeddings()(data["input_ids"]))
+    assert torch.equal(mask, torch.cat([torch.ones(4, P, dtype=torch.long), data["attention_mask"]], dim=1))
+
+
+def test_train_lm_is_the_control(lms):
+    model = captioner(lms["minivlm"], replace(TINY, train_lm=True)).train()
+    assert not model.lm.training
+    lm_params = list(model.lm.parameters())
+    assert all(p.requires_grad for p in lm_params)
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.parameters()}
+    before = [p.clone() for p in lm_params]
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    loss_of(model, batch()).backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(lm_params, before))
+
+
+def test_bad_inputs_are_errors(lms):
+    model = captioner(lms["minivlm"])
+    data = batch(b=2)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 32, 32\), got \(2, 1, 32, 32\)"):
+        model(torch.rand(2, 1, 32, 32), data["input_ids"])
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 32, 32\), got \(3, 32, 32\)"):
+        model(torch.rand(3, 32, 32), data["input_ids"])
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 32, 32\), got \(2, 3, 64, 64\)"):
+        model(torch.rand(2, 3, 64, 64), data["input_ids"])
+    with pytest.raises(ValueError, match="got 3 images but 2 rows of input_ids"):
+        model(torch.rand(3, 3, 32, 32), data["input_ids"])
+    too_long = torch.ones(2, 64 - P + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"{P} tokens and {64 - P + 1} text tokens make 65 positions, more than "
+                                         "the language model's context of 64"):  # fmt: skip
+        model(data["images"], too_long)
+    with pytest.raises(ValueError, match="the mapper writes vectors of width 16, the LM's embeddings have width 32"):
+        Captioner(model.encoder, LinearMapper(model.encoder.out_dim, 16, P, 1.0), lms["minivlm"])
+    with pytest.raises(ValueError, match="unknown mapper kind 'rnn'"):
+        CaptionerConfig(mapper="rnn")
+    with pytest.raises(ValueError, match="unknown captioner preset 'huge'"):
+        Captioner.from_config(lms["minivlm"], "huge")
+
+
+def test_prompt_embeds_continue_as_training_reads(lms):
+    """Greedy decoding by hand from prompt_embeds, then the same tokens teacher-forced through forward: same argmax."""
+    model = captioner(lms["minivlm"]).eval()
+    images = batch(b=2)["images"]
+    wte = model.lm.get_input_embeddings()
+    with torch.no_grad():
+        embeds, mask = model.prompt_embeds(images)
+        tokens = []
+        for _ in range(5):
+            token = model.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].argmax(-1)  # (B,)
+            tokens.append(token)
+            embeds = torch.cat([embeds, wte(token)[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        ids = torch.stack(tokens, dim=1)  # (B, 5)
+        forced = model(images, ids).logits[:, P - 1 : -1].argmax(-1)
+    assert torch.equal(forced, ids)
+    prompt = torch.tensor([5, 6, 7])
+    with torch.no_grad():
+        a = model.prompt_embeds(images, prompt)
+        b = model.embed(images, prompt.expand(2, 3))
+    assert_close(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_generate_captions_with_the_decoding_module():
+    if not hasattr(decoding, "generate"):
+        pytest.skip("minivlm.decoding.generate does not exist yet")
+    world = ShapesWorld("train", image_size=32, seed=1, length=32)
+    tokenizer = train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=300)
+    torch.manual_seed(0)
+    lm = GPT2(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    model = Captioner.from_config(lm, TINY).train()
+    images = torch.rand(2, 3, 32, 32)
+    texts = model.generate(images, tokenizer, max_new_tokens=6)
+    assert model.training  # generate ran in eval mode and restored the mode
+    embeds, mask = model.prompt_embeds(images)
+    ids = decoding.generate(lm, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6,
+                            eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    eot = tokenizer.eos_token_id
+    expected = [tokenizer.decode(row[: row.index(eot)] if eot in row else row) for row in ids.tolist()]
+    assert texts == expected and all(isinstance(t, str) for t in texts)
+    assert len(model.generate(images, tokenizer, max_new_tokens=3, prompt="a small", strategy="beam", num_beams=2)) == 2
+
+
+def test_a_frozen_lm_learns_to_name_each_images_colour():
+    """End to end through the frozen LM: four shapes-world images, each captioned by its first object's colour.
+
+    A *random* frozen LM cannot be steered to write a whole caption (its next token depends on the last
+    token, not on the prefix), so only the first word is scored, which the last prefix vector predicts.
+    """
+    world = ShapesWorld("train", image_size=32, seed=0, length=4)
+    dataset = ShapesCaptions(world)
+    tokenizer = train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=300)
+    items = [(dataset[i][0], dataset.captions[i].split()[2]) for i in range(4)]  # "a large red ..." -> "red"
+    data = CaptionCollator(tokenizer, 8)(items)
+    data["labels"][:, 1:] = -100  # only the colour's first token is scored
+    assert len(set(data["input_ids"][:, 0].tolist())) >= 2  # different images, different answers
+    torch.manual_seed(0)
+    lm = GPT2(GPT2Config(vocab_size=300, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)  # as conftest.hf_gpt2: predictions that vary with the input
+    model = Captioner.from_config(lm, TINY).train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(50):
+        loss = model(data["images"], data["input_ids"], data["attention_mask"], data["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 1.0 < 4.0 < losses[0]
+    with torch.no_grad():
+        first = model(data["images"], data["input_ids"][:, :1]).logits[:, P - 1].argmax(-1)
+    assert torch.equal(first, data["input_ids"][:, 0])
+    assert isinstance(model.encoder, SmallCNN)

@@ -1,0 +1,144 @@
+"""Image encoders: the shapes they promise, features that do not depend on the batch, a grid that keeps *where*,
+ResNet-18 read through a hook, weights files that load or fail clearly, and errors that name bad images."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from minivlm.cnn import CNN_PRESETS, CNNConfig, ResNetTrunk, SmallCNN, build_encoder
+
+TINY = CNN_PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """One randomly initialised ResNet-18 trunk in eval mode (BatchNorm then uses its running statistics)."""
+    torch.manual_seed(0)
+    return ResNetTrunk().eval()
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_small_cnn_shapes(size):
+    config = replace(TINY, image_size=size)
+    encoder = SmallCNN(config)
+    assert encoder.out_dim == config.widths[-1] * config.grid**2
+    assert encoder(torch.rand(3, 3, size, size)).shape == (3, encoder.out_dim)
+
+
+def test_batch_and_single_images_give_the_same_features():
+    """GroupNorm normalises each image on its own: a batch, in training mode too, changes nothing."""
+    encoder = SmallCNN(TINY).train()
+    images = torch.rand(5, 3, 32, 32)
+    batched = encoder(images)
+    single = torch.cat([encoder(images[i : i + 1]) for i in range(5)])
+    assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_features_keep_where_things_are():
+    """The same object on the left or the right gives different features: no global pool erased the position."""
+    encoder = SmallCNN(TINY).eval()
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, 10:18, 2:10] = 1.0  # a white square on the left
+    images[1, :, 10:18, 22:30] = 1.0  # ... on the right
+    features = encoder(images)
+    assert (features[0] - features[1]).abs().max() > 1e-3
+
+
+def test_residual_blocks_start_as_the_identity():
+    encoder = SmallCNN(TINY)
+    blocks = [m for m in encoder.modules() if type(m).__name__ == "ResidualBlock"]
+    assert len(blocks) == sum(TINY.blocks)
+    x = torch.rand(2, blocks[0].f[0][0].in_channels, 8, 8)
+    assert_close(blocks[0](x), x)  # x is non-negative, so relu(x + 0) = x
+
+
+def test_cpu_preset_size():
+    """The course's encoder: 1.1 M parameters, F = 160 * 4 * 4 features, at 32 and 64 pixels alike."""
+    for size in (32, 64):
+        encoder = build_encoder("cnn", size)
+        assert sum(p.numel() for p in encoder.parameters()) == pytest.approx(1.13e6, rel=0.01)
+        assert encoder.out_dim == 2560
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 1, 32, 32), (2, 4, 32, 32), (2, 3, 64, 64), (2, 3, 32, 31), (3, 32, 32), (2, 32, 32, 3)]
+)
+def test_bad_images_are_errors(shape):
+    with pytest.raises(ValueError, match=re.escape(f"expected images of shape (B, 3, 32, 32), got {shape}")):
+        SmallCNN(TINY)(torch.rand(shape))
+
+
+def test_integer_images_are_an_error():
+    with pytest.raises(ValueError, match="expected float images"):
+        SmallCNN(TINY)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_bad_configs_are_errors():
+    with pytest.raises(ValueError, match="divisible by groups"):
+        CNNConfig(widths=(12, 16), blocks=(1, 1))
+    with pytest.raises(ValueError, match="same, non-zero number of stages"):
+        CNNConfig(widths=(8, 16), blocks=(1,))
+    with pytest.raises(ValueError, match="does not divide into a 4 x 4 grid"):
+        CNNConfig(image_size=32, widths=(8, 16, 32, 64), blocks=(0, 0, 0, 0))  # 32 px / 2^4 = 2 cells
+
+
+def test_resnet_hook_features_equal_avgpool_by_hand(resnet):
+    images = torch.rand(2, 3, 32, 32)
+    net = resnet.net
+    with torch.no_grad():
+        features = resnet(images)
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        expected = torch.flatten(net.avgpool(x), 1)
+    assert features.shape == (2, 512) and resnet.out_dim == 512
+    assert_close(features, expected)
+
+
+def test_resnet_fc_is_unused_and_frozen(resnet):
+    assert not any(p.requires_grad for p in resnet.net.fc.parameters())
+    assert all(p.requires_grad for name, p in resnet.named_parameters() if not name.startswith("net.fc."))
+
+
+def test_resnet_weights_round_trip(tmp_path, resnet):
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet.net.state_dict(), path)
+    torch.manual_seed(1)  # a different random init, then overwritten by the file
+    loaded = build_encoder("resnet18", weights=path).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), resnet(images))
+    sized = ResNetTrunk(path, image_size=64)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 64, 64\), got \(1, 3, 32, 32\)"):
+        sized(torch.rand(1, 3, 32, 32))
+
+
+def test_resnet_bad_weights_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ResNet-18 weights file at .*missing.pth"):
+        ResNetTrunk(tmp_path / "missing.pth")
+    path = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="is not a ResNet-18 state dict"):
+        ResNetTrunk(path)
+
+
+def test_resnet_checks_images(resnet):
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, S, S\), got \(2, 1, 32, 32\)"):
+        resnet(torch.rand(2, 1, 32, 32))
+
+
+def test_build_encoder():
+    assert isinstance(build_encoder(TINY), SmallCNN)
+    assert build_encoder("cnn", 64, preset="tiny").config.image_size == 64
+    with pytest.raises(ValueError, match="unknown encoder 'vit'; choose one of"):
+        build_encoder("vit")
+    with pytest.raises(ValueError, match="unknown CNN preset 'huge'"):
+        build_encoder("cnn", preset="huge")
+    with pytest.raises(ValueError, match="weights files are for the 'resnet18' encoder"):
+        build_encoder("cnn", weights="x.pth")
+    with pytest.raises(ValueError, match="disagrees with the CNNConfig's image_size=32"):
+        build_encoder(TINY, 64)
