@@ -19,6 +19,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: the tests' models are tiny and only lose time to thread synchronisation (often 10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def hf_gpt2(preset: str, std: float | None = None):
     """A `transformers` GPT2LMHeadModel of a named size with random weights (no download), in eval mode.
 

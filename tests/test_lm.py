@@ -27,12 +27,8 @@ TINY = LM_PRESETS["tiny"]
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    """A fresh, empty minivlm cache per test; one CPU thread (these models are far too small for more)."""
+    """A fresh, empty minivlm cache per test."""
     monkeypatch.setenv("MINIVLM_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

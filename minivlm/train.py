@@ -1,0 +1,434 @@
+"""Training the captioner: only the vision side learns, and a run can stop and resume exactly where it was.
+
+What it teaches: the training loop of Frozen (Tsimpoukelli et al., 2021, "Multimodal Few-Shot Learning
+with Frozen Language Models") and ClipCap (Mokady et al., 2021), and the habits that make a long run
+safe to interrupt. The optimiser holds only `captioner.trainable_parameters()`, the encoder's and the
+mapper's weights; the LM passes gradients through to the prefix but never takes a step itself. The
+recipe is nanoGPT's, as in `minivlm.lm.pretrain`: AdamW with decay on weight matrices only, linear
+warm-up then cosine decay (`minivlm.lm.learning_rate`), gradient clipping. On a GPU the forward pass
+runs under bfloat16 autocast; on the CPU it stays in float32.
+
+Two control experiments run through the same loop; compare their loss curves with the main run's:
+- `lm_init="random"`: the LM's architecture with random weights, still frozen (the Frozen paper's
+  "from scratch" row). The vision side starts from the same weights as in the main run.
+- `CaptionerConfig(train_lm=True)`: the LM is fine-tuned as well. Frozen found that this fits the
+  captions better but loses what the LM knew from text.
+
+Resuming is exact: on the CPU, a run stopped at step s and resumed ends with bit-identical weights and
+losses to a run that never stopped. Three things make it so. (1) The batch of step s is a pure function
+of (seed, s) (`batch_indices`), not of how far a data loader had got. (2) The optimiser's state is
+saved with the weights: AdamW keeps two running averages for every weight, and restarting them at zero
+would change every later step. (3) The learning rate is a function of the step alone.
+
+A checkpoint holds only what training changed (`learned_state`), never the frozen LM, which is rebuilt
+from its spec: kilobytes to megabytes, not GPT-2's 500 MB. Each file is written under a temporary name
+and renamed into place, so a crash during a save leaves the previous checkpoint as it was:
+
+    out_dir/config.json            the TrainConfig (with the captioner's config and the LM spec)
+    out_dir/trainable.safetensors  the learned weights, under the captioner's state-dict names
+    out_dir/optimizer.pt           AdamW's state, the step and the random state: what an exact resume needs
+    out_dir/history.json           loss, learning rate and gradient norm of every step so far
+
+Axis letters: N training images, B batch, T caption tokens, D the LM's width.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from minivlm.captioner import CAPTIONER_PRESETS, Captioner, CaptionerConfig
+from minivlm.data.captions import CaptionCollator, ShapesCaptions
+from minivlm.data.shapes import ShapesWorld
+from minivlm.gpt2 import GPT2, GPT2Config
+from minivlm.lm import freeze, learning_rate, load_frozen_lm
+
+__all__ = [
+    "LM_INITS", "TrainConfig", "TRAIN_PRESETS", "batch_indices", "learned_state", "train", "read_config",
+    "load_captioner", "save_loss_curve",
+]  # fmt: skip
+
+LM_INITS = ("pretrained", "random")  # the LM as loaded, or its architecture with random weights (a control)
+BOOKKEEPING = ("sample_every", "checkpoint_every", "threads")  # fields a resumed run may change
+CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
+PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
+SAMPLES = 2  # training images whose generated captions are printed every sample_every steps
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a captioner training run: the LM, the vision side, the data and the recipe."""
+
+    # the language model
+    lm: str = "course"  # load_frozen_lm spec: "course[:preset]", a hub name, or a save_pretrained directory
+    lm_init: str = "pretrained"  # one of LM_INITS; "random" is the control with an untrained, frozen LM
+    # the vision side: encoder, mapper, P, the image size S, and train_lm (the fine-tuned-LM control)
+    captioner: CaptionerConfig = CAPTIONER_PRESETS["cpu"]
+    # the data
+    train_images: int = 20_000  # N: the first N images of the shapes world's "train" split
+    data_seed: int = 0  # the shapes world's seed: which scenes those N are
+    max_length: int = 48  # most tokens in a caption, EOT included; a longer caption is an error, never cut
+    # the recipe
+    batch_size: int = 64  # B: images per step
+    steps: int = 2_000  # optimiser steps
+    lr: float = 1e-3  # peak learning rate, reached after the warm-up
+    warmup: int = 100  # steps of linear warm-up from 0; then cosine decay to 10% of lr
+    weight_decay: float = 0.01  # AdamW decay, on weight matrices only
+    grad_clip: float = 1.0  # the gradients' global norm is clipped to this
+    seed: int = 0  # the vision side's init, the batch order, and the random LM of lm_init="random"
+    # bookkeeping: none of it changes what is learned (see BOOKKEEPING)
+    sample_every: int = 250  # print sample captions every this many steps (0: never)
+    checkpoint_every: int = 500  # with an out_dir, save a checkpoint every this many steps and at the end
+    threads: int | None = None  # CPU threads while training (None: PyTorch's default)
+
+    def __post_init__(self):
+        if self.lm_init not in LM_INITS:
+            raise ValueError(f"lm_init must be one of {LM_INITS}, got {self.lm_init!r}")
+        if not isinstance(self.captioner, CaptionerConfig):
+            raise ValueError(f"captioner must be a CaptionerConfig, got {type(self.captioner).__name__}")
+        for name in ("train_images", "batch_size", "steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.batch_size > self.train_images:
+            raise ValueError(f"batch_size={self.batch_size} is more than train_images={self.train_images}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "sample_every", "data_seed", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a token and EOT), got {self.max_length}")
+
+    @property
+    def normalize_images(self) -> bool:
+        """ImageNet-normalise the images: what a pretrained ResNet expects; a CNN from scratch takes [0, 1]."""
+        return self.captioner.encoder_weights is not None
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON-able values, the captioner's config nested."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> TrainConfig:
+        """The inverse of to_dict."""
+        return cls(**{**fields, "captioner": CaptionerConfig(**fields["captioner"])})
+
+
+# "tiny": a smoke run of seconds with the tiny course LM (its 300-token BPE spells a caption in up to 58
+# tokens). "cpu": the course's run, about 0.3 s a step on one CPU core: 10 minutes.
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(lm="course:tiny", captioner=CAPTIONER_PRESETS["tiny"], train_images=512, max_length=64,
+                        batch_size=16, steps=40, lr=3e-3, warmup=4, sample_every=20, checkpoint_every=20,
+                        threads=1),  # fmt: skip
+    "cpu": TrainConfig(),
+}
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """The B image indices of step `step`: a pure function of (seed, step), so a resumed run sees the same batches.
+
+    Each epoch is a permutation of the N images from `np.random.default_rng([seed, epoch])`; its steps
+    take consecutive slices of it, and the last N mod B images of the permutation sit that epoch out.
+    """
+    epoch, k = divmod(step, n // batch_size)
+    order = np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
+    return order[k * batch_size : (k + 1) * batch_size]  # (B,)
+
+
+def learned_state(captioner: Captioner) -> dict[str, Tensor]:
+    """What training changes, by state-dict name: the trainable parameters, and the vision side's buffers.
+
+    With a frozen LM, nothing of the LM. The buffers are the mapper's target length for prefix vectors
+    and, with a ResNet encoder, BatchNorm's running statistics, which training updates without a gradient.
+    """
+    state = captioner.state_dict()
+    names = {name for name, p in captioner.named_parameters() if p.requires_grad}  # tied weights once
+    names |= {name for name, _ in captioner.named_buffers() if not name.startswith("lm.")}
+    return {name: state[name].detach().cpu().contiguous() for name in sorted(names) if name in state}
+
+
+def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (biases and norm gains keep theirs), as in `minivlm.lm.pretrain`."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def _resolve(config: TrainConfig | str) -> TrainConfig:
+    if isinstance(config, str):
+        if config not in TRAIN_PRESETS:
+            raise ValueError(f"unknown training preset {config!r}; choose one of {sorted(TRAIN_PRESETS)}")
+        return TRAIN_PRESETS[config]
+    return config
+
+
+def _run_lm(config: TrainConfig, lm: nn.Module, passed: bool) -> nn.Module:
+    """The LM this run trains against: `lm`, or a random LM of its architecture, frozen unless train_lm."""
+    if config.lm_init == "random":
+        arch = lm.config if isinstance(lm, GPT2) else GPT2Config.from_hf(lm.config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return freeze(GPT2(arch))
+    if config.captioner.train_lm and passed:
+        return copy.deepcopy(lm)  # the fine-tuning control trains its own copy, never the caller's LM
+    return lm
+
+
+def _build_captioner(config: TrainConfig, lm: nn.Module) -> Captioner:
+    """The captioner around `lm`, its vision side drawn from config.seed (the caller's random state is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return Captioner.from_config(lm, config.captioner)
+
+
+def _lm_record(lm: nn.Module, source: str) -> dict:
+    table = lm.get_input_embeddings()
+    return {"source": source, "width": table.embedding_dim, "vocab_size": table.num_embeddings}
+
+
+def _check_lm(record: dict, lm: nn.Module, out_dir: Path) -> None:
+    """A clear error, not a shape mismatch deep in load_state_dict, when `lm` is not the kind trained against."""
+    ours = _lm_record(lm, "")
+    if (ours["width"], ours["vocab_size"]) != (record["width"], record["vocab_size"]):
+        raise ValueError(
+            f"the checkpoint in {out_dir} was trained against an LM of width D={record['width']} and "
+            f"{record['vocab_size']} tokens; this LM has D={ours['width']} and {ours['vocab_size']} tokens. "
+            f"A visual prefix only means something to the LM it was trained for ({record['source']})"
+        )
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def _write_atomically(out_dir: Path, writers: dict[str, Callable[[Path], object]]) -> None:
+    """Write each file to a temporary name and flush it to disk, then rename them all into place.
+
+    A failure while writing leaves only temporary files, removed here, and the old checkpoint intact:
+    os.replace swaps a whole file in one step. The renames are not one step together, so every file
+    records the step it belongs to, and resuming checks that they agree.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            temps[name] = out_dir / f".{name}.{os.getpid()}.partial"
+            write(temps[name])
+            with open(temps[name], "rb+") as f:  # on disk before the rename: a rename can land before the data
+                os.fsync(f.fileno())
+        for name, temp in temps.items():
+            os.replace(temp, out_dir / name)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+
+
+def _save_checkpoint(out_dir: Path, step: int, config: TrainConfig, lm_record: dict, captioner: Captioner,
+                     optimizer: torch.optim.Optimizer, history: dict) -> None:  # fmt: skip
+    weights = learned_state(captioner)
+    # The optimiser's moments and the random state: without them a resumed run would take different steps.
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    saved = {"train": config.to_dict(), "lm": lm_record}
+    _write_atomically(out_dir, {
+        CONFIG: lambda path: path.write_text(json.dumps(saved, indent=1)),
+        WEIGHTS: lambda path: save_file(weights, path, metadata={"step": str(step)}),
+        OPTIMIZER: lambda path: torch.save(state, path),
+        HISTORY: lambda path: path.write_text(json.dumps({"step": step, **history})),
+    })  # fmt: skip
+
+
+def _require(out_dir: Path, names: tuple[str, ...]) -> None:
+    missing = [name for name in names if not (out_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir} holds no complete checkpoint: {', '.join(missing)} missing; "
+                                f"train(config, out_dir={str(out_dir)!r}) writes one")  # fmt: skip
+
+
+def read_config(out_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a checkpoint directory was trained with."""
+    out_dir = Path(out_dir)
+    _require(out_dir, (CONFIG,))
+    return TrainConfig.from_dict(json.loads((out_dir / CONFIG).read_text())["train"])
+
+
+def _load_learned(captioner: Captioner, path: Path) -> int:
+    """Load trainable.safetensors into the captioner, refusing names or shapes that do not fit; return its step."""
+    weights, expected = load_file(path), learned_state(captioner)
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ValueError(f"{path} does not fit this captioner: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the captioner's has "
+                             f"{tuple(expected[name].shape)}")  # fmt: skip
+    captioner.load_state_dict(weights, strict=False)  # strict=False: the frozen LM's keys are not in the file
+    with safe_open(path, "pt") as f:
+        return int(f.metadata()["step"])
+
+
+def load_captioner(out_dir: str | Path, lm: nn.Module | None = None) -> Captioner:
+    """A trained captioner (eval mode, CPU) from a checkpoint: its config, the frozen LM, the learned weights.
+
+    The LM comes from the recorded spec (`load_frozen_lm`) unless passed; it must be the one trained
+    against, and must be passed when train() was given it. Its tokenizer: `load_frozen_lm(config.lm)`.
+    """
+    out_dir = Path(out_dir)
+    _require(out_dir, (CONFIG, WEIGHTS))
+    saved = json.loads((out_dir / CONFIG).read_text())
+    config = TrainConfig.from_dict(saved["train"])
+    passed = lm is not None
+    if lm is None:
+        if saved["lm"]["source"] == PASSED:
+            raise ValueError(f"the captioner in {out_dir} was trained against an LM passed to train(), not "
+                             f"a spec; pass the same LM: load_captioner({str(out_dir)!r}, lm=...)")  # fmt: skip
+        lm = load_frozen_lm(config.lm)[0]
+    lm = _run_lm(config, lm, passed)
+    _check_lm(saved["lm"], lm, out_dir)
+    # The ResNet weights file, if any, is not needed: every weight it held is in the checkpoint (but fc, unused).
+    captioner = _build_captioner(replace(config, captioner=replace(config.captioner, encoder_weights=None)), lm)
+    _load_learned(captioner, out_dir / WEIGHTS)
+    return captioner.eval()
+
+
+def _resume(out_dir: Path, config: TrainConfig, captioner: Captioner,
+            optimizer: torch.optim.Optimizer) -> tuple[int, dict]:  # fmt: skip
+    """Load a checkpoint into captioner and optimizer; return (its step, its history)."""
+    _require(out_dir, (CONFIG, WEIGHTS, OPTIMIZER, HISTORY))
+    saved = json.loads((out_dir / CONFIG).read_text())
+    ours = config.to_dict()
+    changed = [k for k in ours if k not in BOOKKEEPING and saved["train"].get(k) != ours[k]]
+    if changed:
+        raise ValueError(f"the checkpoint in {out_dir} was trained with other {', '.join(changed)}; resume it with "
+                         f"the same config (read_config(out_dir)) or train into another out_dir")  # fmt: skip
+    _check_lm(saved["lm"], captioner.lm, out_dir)
+    device = next(captioner.parameters()).device
+    step = _load_learned(captioner, out_dir / WEIGHTS)
+    state = torch.load(out_dir / OPTIMIZER, map_location=device, weights_only=True)
+    history = json.loads((out_dir / HISTORY).read_text())
+    if not step == state["step"] == history.pop("step") == len(history["loss"]):
+        raise ValueError(f"the files in {out_dir} are from different steps (a save was cut off between renames); "
+                         f"start again in a fresh out_dir")  # fmt: skip
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"].cpu())
+    return step, history
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig | str = "cpu", *, lm: nn.Module | None = None, tokenizer=None,
+          out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          callback: Callable[[int, Captioner, dict], object] | None = None) -> tuple[Captioner, dict]:  # fmt: skip
+    """Train a captioner's vision side against a frozen LM; return (captioner in eval mode, history).
+
+    lm and tokenizer: pass both (a model built in a notebook or test), or neither (config.lm is loaded).
+    out_dir: where checkpoints go (none without one); resume=True continues the checkpoint there (or
+    starts one), and without resume an existing checkpoint is an error rather than overwritten.
+    callback(step, captioner, history) runs after each step and its checkpoint, `step` steps done.
+    history: per-step "loss", "lr" and "grad_norm". The caller's random state is left as it was.
+    """
+    config = _resolve(config)
+    if (lm is None) != (tokenizer is None):
+        raise ValueError("pass lm and tokenizer together, or neither to load config.lm")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs the out_dir of the run to resume")
+    passed = lm is not None
+    if lm is None:
+        lm, tokenizer = load_frozen_lm(config.lm)
+    lm_record = _lm_record(lm, PASSED if passed else config.lm)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _train(config, _run_lm(config, lm, passed), tokenizer, lm_record,
+                          None if out_dir is None else Path(out_dir), resume, progress, callback)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_dir: Path | None, resume: bool,
+           progress: bool, callback) -> tuple[Captioner, dict]:  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = ShapesWorld("train", config.captioner.image_size, config.data_seed, config.train_images)
+    dataset = ShapesCaptions(world, normalize=config.normalize_images)  # rendered once, N images
+    collate = CaptionCollator(tokenizer, config.max_length)
+    captioner = _build_captioner(config, lm).to(device).train()
+    params = captioner.trainable_parameters()
+    optimizer = _adamw(params, config)
+    start, history = 0, {"loss": [], "lr": [], "grad_norm": []}
+    if out_dir is not None and (out_dir / WEIGHTS).exists():
+        if not resume:
+            raise FileExistsError(f"{out_dir} already holds a checkpoint; pass resume=True to continue it, "
+                                  f"or choose another out_dir")  # fmt: skip
+        start, history = _resume(out_dir, config, captioner, optimizer)
+    samples = torch.stack([dataset[i][0] for i in range(SAMPLES)]).to(device)  # (SAMPLES, 3, S, S)
+    bf16 = device.type == "cuda"  # bfloat16 autocast on a GPU; float32 on the CPU, where bf16 is slow
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training the captioner",
+               disable=not progress)  # fmt: skip
+    for step in bar:
+        lr = learning_rate(step, peak=config.lr, warmup=config.warmup, steps=config.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = collate([dataset[i] for i in batch_indices(config.seed, step, len(dataset), config.batch_size)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = captioner(batch["images"].to(device), batch["input_ids"].to(device),
+                             batch["attention_mask"].to(device), batch["labels"].to(device)).loss  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(params, config.grad_clip)  # the norm before clipping
+        optimizer.step()
+        history["loss"].append(loss.item())
+        history["lr"].append(lr)
+        history["grad_norm"].append(norm.item())
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", refresh=False)
+        done = step + 1
+        if config.sample_every and done % config.sample_every == 0:
+            texts = captioner.generate(samples, tokenizer, max_new_tokens=config.max_length)  # greedy
+            for text, truth in zip(texts, dataset.captions):
+                tqdm.write(f"step {done}: {text!r}\n{'truth':>{len(str(done)) + 5}}: {truth!r}")
+        if out_dir is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+            _save_checkpoint(out_dir, done, config, lm_record, captioner, optimizer, history)
+        if callback is not None:
+            callback(done, captioner, history)
+    return captioner.eval(), history
+
+
+def save_loss_curve(history: dict, path: str | Path) -> Path:
+    """Plot the training loss against the step, raw and as a moving average, to a PNG file (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # a Figure without pyplot: no window, no global backend switch
+
+    loss = np.asarray(history["loss"], dtype=float)  # (steps,)
+    if loss.size == 0:
+        raise ValueError("the history holds no losses to plot")
+    steps = np.arange(1, loss.size + 1)
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)  # the Agg renderer draws to memory, then to the PNG
+    ax = fig.add_subplot()
+    ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss per step")
+    window = max(1, loss.size // 20)
+    if window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")  # mean of each `window` steps
+        ax.plot(steps[window - 1 :], smooth, lw=2, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="caption loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=120)
+    return path

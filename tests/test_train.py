@@ -1,0 +1,196 @@
+"""Training the captioner: resuming is exact, the LM stays bit-identical (and changes in the fine-tuning control),
+checkpoints hold only learned weights and survive a failed save, and a trained captioner reloads to the same outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import minivlm.train as T
+from minivlm.captioner import CAPTIONER_PRESETS
+from minivlm.data.shapes import ShapesWorld
+from minivlm.gpt2 import GPT2, GPT2Config
+from minivlm.tokenizer import train_tokenizer
+from minivlm.train import TrainConfig, batch_indices, learned_state, load_captioner, read_config, train
+
+# A tiny CNN, linear mapper and P = 2; 64 images in batches of 8; checkpoints every 2 steps.
+CONFIG = TrainConfig(lm="passed in", captioner=CAPTIONER_PRESETS["tiny"], train_images=64, batch_size=8, steps=4,
+                     lr=1e-2, warmup=1, max_length=32, sample_every=0, checkpoint_every=2, threads=1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE trained on 300 shapes captions: every caption is at most 24 tokens."""
+    world = ShapesWorld("train", seed=1, length=300)
+    return train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=400)
+
+
+def tiny_lm(vocab_size: int) -> GPT2:
+    """A tiny GPT-2 standing in for a pretrained LM; seed 1234, so config.seed's random LM differs from it."""
+    torch.manual_seed(1234)
+    return GPT2(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    return tiny_lm(len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def run(lm, tokenizer, tmp_path_factory):
+    """(captioner, history, out_dir) of one 4-step run, shared by the tests that only read it."""
+    out_dir = tmp_path_factory.mktemp("run")
+    captioner, history = train(CONFIG, lm=lm, tokenizer=tokenizer, out_dir=out_dir, progress=False)
+    return captioner, history, out_dir
+
+
+def lm_state(model) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.state_dict().items()}
+
+
+def outputs(captioner, seed: int = 0) -> torch.Tensor:
+    """Logits for random images and tokens: what two captioners with the same weights agree on exactly."""
+    g = torch.Generator().manual_seed(seed)
+    images, ids = torch.rand(3, 3, 32, 32, generator=g), torch.randint(2, 300, (3, 5), generator=g)
+    with torch.no_grad():
+        return captioner(images, ids).logits
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    """An epoch is a permutation (no image twice, N mod B left out); one (seed, step), one batch, always."""
+    epoch = np.concatenate([batch_indices(0, s, 10, 3) for s in range(3)])  # 3 steps of 3 out of 10 images
+    assert len(set(epoch.tolist())) == 9
+    assert np.array_equal(batch_indices(0, 4, 10, 3), batch_indices(0, 4, 10, 3))
+    assert not np.array_equal(batch_indices(0, 3, 10, 3), batch_indices(0, 0, 10, 3))  # a new epoch, a new order
+    assert not np.array_equal(batch_indices(1, 0, 10, 3), batch_indices(0, 0, 10, 3))
+
+
+def test_resuming_after_a_crash_is_exact(lm, tokenizer, run, tmp_path):
+    """Crash after step 3 (last checkpoint: step 2), resume: the same weights and losses as the unbroken run."""
+    unbroken, history, _ = run
+
+    def crash(step, captioner, history):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(CONFIG, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False, callback=crash)
+    seen = []
+    resumed, resumed_history = train(CONFIG, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, resume=True,
+                                     progress=False, callback=lambda step, *_: seen.append(step))  # fmt: skip
+    assert seen == [3, 4]  # continued from the checkpoint at step 2
+    assert resumed_history == history
+    want, got = learned_state(unbroken), learned_state(resumed)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_checkpoint_holds_only_learned_weights_and_reloads(lm, run):
+    captioner, history, out_dir = run
+    weights = load_file(out_dir / "trainable.safetensors")
+    trainable = {name for name, p in captioner.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("lm.") for name in weights)  # the frozen LM is rebuilt, never saved
+    assert set(weights) == trainable | {"mapper.target_scale"}  # and the mapper's buffer
+    assert read_config(out_dir) == CONFIG  # config.json round-trips
+    assert json.loads((out_dir / "history.json").read_text()) == {"step": 4, **history}
+    assert len(history["loss"]) == len(history["lr"]) == CONFIG.steps
+    loaded = load_captioner(out_dir, lm=lm)
+    assert torch.equal(outputs(loaded), outputs(captioner))
+
+
+def test_loading_says_what_is_wrong(lm, run, tmp_path):
+    _, _, out_dir = run
+    with pytest.raises(FileNotFoundError, match="config.json, trainable.safetensors missing"):
+        load_captioner(tmp_path)
+    with pytest.raises(ValueError, match="pass the same LM"):
+        load_captioner(out_dir)  # trained with an LM passed in: there is no spec to load it from
+    wider = GPT2(replace(lm.config, n_embd=64))
+    with pytest.raises(ValueError, match="width D=32"):
+        load_captioner(out_dir, lm=wider)
+
+
+def test_existing_checkpoint_is_not_overwritten_nor_resumed_with_another_config(lm, tokenizer, run):
+    _, _, out_dir = run
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(CONFIG, lm=lm, tokenizer=tokenizer, out_dir=out_dir, progress=False)
+    with pytest.raises(ValueError, match="other lr"):
+        train(replace(CONFIG, lr=0.5), lm=lm, tokenizer=tokenizer, out_dir=out_dir, resume=True, progress=False)
+
+
+def test_lm_is_bit_identical_after_training_and_changes_in_the_control(lm, tokenizer, run):
+    """THE property of Frozen: the LM does not move. With train_lm=True (the control) it does, in a copy."""
+    captioner, _, _ = run
+    original = lm_state(tiny_lm(lm.config.vocab_size))  # the LM's weights before any training, built again
+    trained = lm_state(captioner.lm)
+    assert trained.keys() == original.keys() and all(torch.equal(original[k], t) for k, t in trained.items())
+    control = replace(CONFIG, captioner=replace(CONFIG.captioner, train_lm=True), steps=2, checkpoint_every=2)
+    tuned, _ = train(control, lm=lm, tokenizer=tokenizer, progress=False)
+    assert not torch.equal(tuned.lm.transformer.wte.weight, lm.transformer.wte.weight)
+    assert all(torch.equal(original[k], t) for k, t in lm_state(lm).items())  # the caller's LM: untouched
+    assert any(name.startswith("lm.") for name in learned_state(tuned))  # the control saves its LM weights
+
+
+def test_random_lm_control_is_frozen_and_rebuilt_on_load(lm, tokenizer, tmp_path):
+    config = replace(CONFIG, lm_init="random", steps=1, warmup=0)
+    captioner, _ = train(config, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False)
+    random_lm = captioner.lm
+    assert random_lm is not lm and random_lm.config == lm.config  # the same architecture ...
+    assert not torch.equal(random_lm.transformer.wte.weight, lm.transformer.wte.weight)  # ... other weights
+    assert not any(p.requires_grad for p in random_lm.parameters())
+    assert torch.equal(outputs(load_captioner(tmp_path, lm=lm)), outputs(captioner))  # the same random LM again
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(lm, tokenizer, tmp_path, monkeypatch):
+    """The second save dies half-way through writing optimizer.pt: the step-2 checkpoint is untouched, no litter."""
+    kept = {}
+
+    def snapshot(step, *_):
+        if step == 2:
+            kept.update({p.name: p.read_bytes() for p in tmp_path.iterdir()})
+            monkeypatch.setattr(torch, "save", half_write)
+
+    def half_write(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        train(CONFIG, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False, callback=snapshot)
+    assert set(kept) == {"config.json", "trainable.safetensors", "optimizer.pt", "history.json"}
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == kept
+
+
+def test_samples_are_printed_and_loss_curve_is_a_png(lm, tokenizer, run, tmp_path, capsys):
+    _, history, _ = run
+    train(replace(CONFIG, steps=1, warmup=0, sample_every=1), lm=lm, tokenizer=tokenizer, progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("step 1:") == 2 and printed.count("truth:") == 2
+    path = T.save_loss_curve(history, tmp_path / "loss.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    with pytest.raises(ValueError, match="no losses"):
+        T.save_loss_curve({"loss": []}, tmp_path / "empty.png")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("lm_init", "frozen"), ("steps", 0), ("warmup", 4), ("batch_size", 0), ("train_images", 4), ("lr", 0.0),
+     ("max_length", 1), ("sample_every", -1), ("checkpoint_every", 0)],
+)  # fmt: skip
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        replace(CONFIG, **{field: value})
+
+
+def test_bad_arguments_are_refused(lm, tokenizer):
+    with pytest.raises(ValueError, match="together"):
+        train(CONFIG, lm=lm, progress=False)
+    with pytest.raises(ValueError, match="out_dir"):
+        train(CONFIG, lm=lm, tokenizer=tokenizer, resume=True, progress=False)
+    with pytest.raises(ValueError, match="unknown training preset"):
+        train("huge")
