@@ -1,18 +1,41 @@
-"""The minivlm command line: `python -m minivlm <command> --help`."""
+"""The minivlm command line: `python -m minivlm <command> --help`.
+
+verify and pretrain-lm check the language side; train, evaluate and caption are the captioner's life
+cycle, one checkpoint folder passed from each to the next; demo runs all of it end to end and writes
+a report. A mistake the user can fix (a bad value, a missing file, no network) ends in one line on
+stderr, `minivlm: error: ...`, and exit code 2, as argparse ends a bad argument: never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
-DEMO_NOTE = (
-    "The end-to-end captioning demo is not built yet; until it is, `demo` runs `verify`, "
-    "a smoke run of what exists: attention and GPT-2 from scratch against the reference."
-)
+DEMO_OUT = "reports/demo"
+DEMO_IMAGES = {"tiny": 32, "cpu": 1000}  # images per evaluation split: seconds for tests, steady numbers for the course
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1, or argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from minivlm.decoding import STRATEGIES
     from minivlm.gpt2 import PRESETS
+    from minivlm.lm import LM_PRESETS
+    from minivlm.prefix import MAPPERS
+    from minivlm.train import LM_INITS, TRAIN_PRESETS
 
     parser = argparse.ArgumentParser(
         prog="python -m minivlm", description="minivlm: a Frozen-style vision-language model, built from scratch."
@@ -20,12 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     verify = commands.add_parser(
-        "verify", help="check that attention and GPT-2 from scratch equal the reference on this machine"
-    )
+        "verify", help="check that attention and GPT-2 from scratch equal the reference on this machine",
+        description="Build GPT-2's architecture with random weights in transformers (no download), load them into "
+        "our GPT-2, and check that attention, logits and greedy decoding agree; time decoding with and without "
+        "the KV cache.",
+    )  # fmt: skip
     verify.add_argument("--preset", default="gpt2", choices=list(PRESETS), help="GPT-2 size to check (default: gpt2)")
     verify.add_argument("--new-tokens", type=int, default=24, help="tokens to decode when timing the KV cache")
-
-    from minivlm.lm import LM_PRESETS
 
     pretrain = commands.add_parser(
         "pretrain-lm",
@@ -36,39 +60,234 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--preset", default="cpu", choices=sorted(LM_PRESETS), help="LM preset (default: cpu)")
     pretrain.add_argument("--retrain", action="store_true", help="train again even if the cache has the model")
 
-    commands.add_parser("demo", help="the main job: run the end-to-end demo", description=DEMO_NOTE)
+    recipe = argparse.ArgumentParser(add_help=False)  # the options of train and demo
+    recipe.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS),
+                        help="training preset: 'cpu' the course's run, 'tiny' a smoke run of seconds (default: cpu)")
+    recipe.add_argument("--steps", type=positive_int, help="optimiser steps (default: the preset's); a warm-up "
+                        "longer than a tenth of them is cut to that")  # fmt: skip
+
+    train = commands.add_parser(
+        "train", parents=[recipe], help="train a captioner's vision side against the frozen LM, with checkpoints",
+        description="Train the captioner's vision side (CNN and prefix mapper) against a frozen LM on the shapes "
+        "world, saving a checkpoint folder that `evaluate` and `caption` read. Ctrl-C keeps the last checkpoint; "
+        "the same command with --resume continues it exactly.",
+    )  # fmt: skip
+    train.add_argument("--mapper", choices=sorted(MAPPERS), help="prefix mapper (default: the preset's)")
+    train.add_argument("--prefix-length", type=positive_int, metavar="P", help="visual prefix tokens P "
+                       "(default: the preset's)")  # fmt: skip
+    train.add_argument("--lm-init", choices=LM_INITS, help="'random': the control with an untrained, frozen LM "
+                       "(default: pretrained)")  # fmt: skip
+    train.add_argument("--train-lm", action="store_true", help="the control that fine-tunes the LM too")
+    train.add_argument("--lm", metavar="SPEC", help="the LM: 'course[:preset]', a hub name such as 'gpt2', or a "
+                       "save_pretrained directory (default: the preset's)")  # fmt: skip
+    train.add_argument("--out", default="runs/captioner", metavar="DIR",
+                       help="checkpoint folder (default: runs/captioner)")
+    train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+
+    decoding = argparse.ArgumentParser(add_help=False)  # the options of evaluate and caption
+    decoding.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder written by train")
+    decoding.add_argument("--strategy", default="greedy", choices=list(STRATEGIES), help="decoding (default: greedy)")
+    decoding.add_argument("--beams", type=positive_int, default=4, metavar="K", help="beams of --strategy beam "
+                          "(default: 4)")  # fmt: skip
+
+    evaluate = commands.add_parser(
+        "evaluate", parents=[decoding], help="score a trained captioner on the test and held-out splits",
+        description="Caption shapes-world images of the test split and of the held-out split (scenes with a "
+        "colour-shape pair never trained on), and print exact match, per-attribute accuracy, BLEU, ROUGE-L and "
+        "CIDEr as a markdown table.",
+    )  # fmt: skip
+    evaluate.add_argument("--images", type=positive_int, default=500, metavar="N",
+                          help="images per split (default: 500)")
+
+    caption = commands.add_parser(
+        "caption", parents=[decoding], help="caption image files with a trained captioner",
+        description="Caption image files (any format and colour mode Pillow reads): each is resized and "
+        "centre-cropped to the captioner's image size, and printed as 'path: caption'.",
+    )  # fmt: skip
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+
+    demo = commands.add_parser(
+        "demo", parents=[recipe], help="the main job: pretrain the LM, train the captioner, evaluate, write a report",
+        description="End to end: pretrain the course LM (or load it from the cache), train the captioner against "
+        "it, caption the test and held-out splits, print the metrics, and write a report folder: metrics.md, "
+        "metrics.json, samples.png, loss.png, and the checkpoint (replaced if an earlier run left one).",
+    )  # fmt: skip
+    demo.add_argument("--images", type=positive_int, metavar="N", help="images per evaluation split "
+                      f"(default: {', '.join(f'{n} with {p}' for p, n in DEMO_IMAGES.items())})")  # fmt: skip
+    demo.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"report folder (default: {DEMO_OUT})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from minivlm.hub import OfflineError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "verify" and args.new_tokens < 1:
+        parser.error("--new-tokens must be at least 1")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, OfflineError) as err:
+        print(f"minivlm: error: {err}", file=sys.stderr)  # what to fix, in one line: no traceback
+        return 2
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Smoke-check attention and GPT-2 against the reference."""
     from minivlm.verify import verify
 
-    if args.command == "pretrain-lm":
-        return pretrain_lm(args.preset, args.retrain)
-    if args.command == "verify":
-        if args.new_tokens < 1:
-            parser.error("--new-tokens must be at least 1")
-        return 0 if verify(args.preset, args.new_tokens) else 1
-    print(DEMO_NOTE)
-    return 0 if verify() else 1
+    return 0 if verify(args.preset, args.new_tokens) else 1
 
 
-def pretrain_lm(preset: str, retrain: bool) -> int:
+def run_pretrain_lm(args: argparse.Namespace) -> int:
     """Pretrain (or load) the course LM; print where it lives and what the text probes say."""
     from minivlm.data.shapes import caption, sample_scene
     from minivlm.lm import course_lm
     from minivlm.probes import binding_accuracy, copy_accuracy
 
-    model, tokenizer, info = course_lm(preset, retrain=retrain)
+    model, tokenizer, info = course_lm(args.preset, retrain=args.retrain)
     stats = info["stats"]
-    print(f"course LM '{preset}': {stats['params']:,} parameters, trained {stats['train_seconds']:.0f} s "
+    print(f"course LM '{args.preset}': {stats['params']:,} parameters, trained {stats['train_seconds']:.0f} s "
           f"to loss {stats['final_loss']:.3f}; cached in {info['path']}")  # fmt: skip
     copy = copy_accuracy(model, tokenizer, [caption(sample_scene("test", 0, i)) for i in range(100)])
     bind = binding_accuracy(model, tokenizer, ways=2, episodes=100)
     print(f"text probes: copy a caption {copy:.0%}, 2-way name binding {bind:.0%} (chance 50%)")
     return 0
+
+
+def train_config(preset: str, steps: int | None = None, *, lm: str | None = None, lm_init: str | None = None,
+                 **captioner_changes):  # fmt: skip
+    """A TRAIN_PRESETS config with the options given on the command line (None: the preset's) changed."""
+    from minivlm.train import TRAIN_PRESETS
+
+    config = TRAIN_PRESETS[preset]
+    changes = {k: v for k, v in (("lm", lm), ("lm_init", lm_init)) if v is not None}
+    if steps is not None:
+        changes |= {"steps": steps, "warmup": min(config.warmup, steps // 10)}
+    captioner = replace(config.captioner, **{k: v for k, v in captioner_changes.items() if v is not None})
+    return replace(config, captioner=captioner, **changes)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train a captioner into a checkpoint folder; plot its loss there."""
+    from minivlm.train import save_loss_curve, train
+
+    config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, mapper=args.mapper,
+                          prefix_length=args.prefix_length, train_lm=args.train_lm or None)  # fmt: skip
+    out = Path(args.out)
+    try:
+        _, history = train(config, out_dir=out, resume=args.resume)
+    except FileExistsError:
+        raise FileExistsError(f"{out} already holds a checkpoint: add --resume to continue it, or choose another "
+                              f"--out") from None  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"minivlm: interrupted; the last checkpoint in {out} is kept: run the same command with --resume "
+              f"to continue it", file=sys.stderr)  # fmt: skip
+        return 130
+    curve = save_loss_curve(history, out / "loss.png")
+    print(f"trained {len(history['loss'])} steps to loss {history['loss'][-1]:.3f}; checkpoint in {out}, "
+          f"loss curve {curve}")  # fmt: skip
+    return 0
+
+
+def load_checkpoint(directory: str):
+    """(captioner, tokenizer, TrainConfig) of a checkpoint folder, the frozen LM rebuilt from its spec once."""
+    from minivlm.lm import load_frozen_lm
+    from minivlm.train import load_captioner, read_config
+
+    config = read_config(directory)
+    lm, tokenizer = load_frozen_lm(config.lm)
+    return load_captioner(directory, lm=lm), tokenizer, config
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Print the metrics table of a checkpoint on the test and held-out splits."""
+    from minivlm.evaluate import metrics_table
+    from minivlm.report import evaluate_splits
+
+    captioner, tokenizer, config = load_checkpoint(args.checkpoint)
+    results = evaluate_splits(captioner, tokenizer, image_size=config.captioner.image_size, n_images=args.images,
+                              strategy=args.strategy, num_beams=args.beams, normalize=config.normalize_images,
+                              max_new_tokens=config.max_length)  # fmt: skip
+    print(f"{args.checkpoint}: {args.images} images per split, {args.strategy} decoding\n")
+    print(metrics_table(results))
+    return 0
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Print 'path: caption' for each image file; every file is read before the model is loaded."""
+    import torch
+
+    from minivlm.data.folders import image_transform, load_rgb
+    from minivlm.report import decoding_options
+    from minivlm.train import read_config
+
+    pictures = [load_rgb(path) for path in args.images]  # a missing or unreadable file fails here, at once
+    config = read_config(args.checkpoint)
+    transform = image_transform(config.captioner.image_size, normalize=config.normalize_images)
+    images = torch.stack([transform(picture) for picture in pictures])  # (N, 3, S, S)
+    captioner, tokenizer, _ = load_checkpoint(args.checkpoint)
+    texts = captioner.generate(images, tokenizer, config.max_length,
+                               **decoding_options(args.strategy, num_beams=args.beams))  # fmt: skip
+    for path, text in zip(args.images, texts):
+        print(f"{path}: {text.strip()}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The main job: the frozen LM, a trained captioner, both splits scored, and the report folder."""
+    import torch
+
+    from minivlm.evaluate import metrics_table
+    from minivlm.lm import load_frozen_lm
+    from minivlm.report import EVAL_SEED, caption_splits, write_report
+    from minivlm.train import train
+
+    start = time.perf_counter()
+    config = train_config(args.preset, args.steps)
+    n_images = args.images or DEMO_IMAGES[args.preset]
+    out = Path(args.out)
+    print(f"[1/3] the frozen language model '{config.lm}' (pretrained on first use, then read from the cache)")
+    lm, tokenizer = load_frozen_lm(config.lm)
+    lm_seconds = time.perf_counter() - start
+    print(f"[2/3] training the captioner: {config.steps} steps of {config.batch_size} images")
+    checkpoint = out / "checkpoint"
+    if checkpoint.is_dir():
+        shutil.rmtree(checkpoint)  # the demo always trains afresh, so its timings are real
+    tick = time.perf_counter()
+    captioner, history = train(config, out_dir=checkpoint)  # the LM from its spec, so the checkpoint reloads alone
+    train_seconds = time.perf_counter() - tick
+    print(f"[3/3] captioning {n_images} test and {n_images} held-out images")
+    tick = time.perf_counter()
+    captions = caption_splits(captioner, tokenizer, image_size=config.captioner.image_size, n_images=n_images,
+                              normalize=config.normalize_images, max_new_tokens=config.max_length)  # fmt: skip
+    results = {split: c.scores() for split, c in captions.items()}
+    eval_seconds = time.perf_counter() - tick
+    total = time.perf_counter() - start
+    c = config.captioner
+    info = {
+        "command": f"python -m minivlm demo --preset {args.preset}" + (f" --steps {args.steps}" if args.steps else "")
+        + (f" --images {args.images}" if args.images else ""),
+        "language model": f"{config.lm}, {sum(p.numel() for p in lm.parameters()):,} parameters, frozen",
+        "captioner": f"{c.encoder} ({c.cnn_preset}) encoder, {c.mapper} mapper, P = {c.prefix_length}, "
+        f"{c.image_size}-pixel images; {sum(p.numel() for p in captioner.trainable_parameters()):,} trained parameters",
+        "training": f"{config.steps} steps of {config.batch_size} from {config.train_images:,} images, peak lr "
+        f"{config.lr:g}; loss {history['loss'][0]:.3f} at step 1, {history['loss'][-1]:.3f} at the last",
+        "evaluation": f"{n_images} images per split (ShapesWorld seed {EVAL_SEED}), greedy decoding",
+        "timings": f"LM {lm_seconds:.0f} s, training {train_seconds:.0f} s "
+        f"({train_seconds / config.steps:.2f} s a step), evaluation {eval_seconds:.0f} s; wall time {total:.0f} s",
+        "machine": f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+    }  # fmt: skip
+    write_report(out, results, history, captions, info=info, config=config.to_dict())
+    print("\n" + metrics_table(results) + "\n")
+    print(f"report: {out}/metrics.md, with samples.png, loss.png and metrics.json; checkpoint: {checkpoint}")
+    print(f"wall time {total:.0f} s")
+    return 0
+
+
+COMMANDS = {"verify": run_verify, "pretrain-lm": run_pretrain_lm, "train": run_train, "evaluate": run_evaluate,
+            "caption": run_caption, "demo": run_demo}  # fmt: skip
 
 
 if __name__ == "__main__":

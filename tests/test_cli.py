@@ -1,4 +1,8 @@
-"""The command line: `python -m minivlm ...` and `run.py`, run as a learner runs them."""
+"""The command line: `python -m minivlm ...` and `run.py`, run as a learner runs them.
+
+The captioner's commands run in-process through `main([...])`, on the tiny presets with the course LM
+cached in a temporary folder: the same code as the command, without a second of start-up per call.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from minivlm.__main__ import main
+from minivlm.data.shapes import ShapesWorld
+
 ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("verify", "pretrain-lm", "train", "evaluate", "caption", "demo")
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -17,15 +29,8 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     out = run("-m", "minivlm", "--help")
     assert out.returncode == 0
-    assert "verify" in out.stdout and "demo" in out.stdout
-
-
-def test_demo_runs_the_smoke_run_and_passes():
-    """The README's first command ends in `python -m minivlm demo`; this is that job."""
-    out = run("-m", "minivlm", "demo")
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("[ok]") == 3 and "FAIL" not in out.stdout
-    assert "All checks passed." in out.stdout
+    for command in COMMANDS:
+        assert command in out.stdout
 
 
 def test_verify_tiny_preset():
@@ -58,3 +63,78 @@ def test_pretrain_lm_caches_then_loads(tmp_path):
     again = subprocess.run([sys.executable, "-m", "minivlm", "pretrain-lm", "--preset", "tiny"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert again.returncode == 0 and "pretraining" not in again.stderr  # no progress bar: loaded, not trained
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The course LM's cache in a temporary folder: the tiny LM is pretrained there (about a second)."""
+    monkeypatch.setenv("MINIVLM_CACHE", str(tmp_path / "cache"))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("minivlm: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m minivlm {command}") and len(out.split("\n\n")[1]) > 40  # a description
+
+
+def test_demo_writes_the_report(tmp_path, cache, capsys):
+    """`python3 run.py demo` runs `demo` with the cpu preset; this is the same job on the tiny one."""
+    out = tmp_path / "report"
+    assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| metric | test | heldout |" in printed and f"report: {out}/metrics.md" in printed
+    assert "wall time" in printed
+    assert "| exact match |" in (out / "metrics.md").read_text()
+    for name in ("samples.png", "loss.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+    assert (out / "checkpoint" / "config.json").is_file()  # `caption --checkpoint` can reuse it
+    assert main(["demo", "--preset", "tiny", "--steps", "2", "--images", "4", "--out", str(out)]) == 0  # again
+
+
+def test_caption_of_a_missing_or_unreadable_file_is_one_line(tmp_path, capsys):
+    assert main(["caption", "--checkpoint", str(tmp_path), str(tmp_path / "nope.png")]) == 2
+    assert "nope.png not found" in one_error_line(capsys)
+    (tmp_path / "notes.png").write_text("not an image")
+    assert main(["caption", "--checkpoint", str(tmp_path), str(tmp_path / "notes.png")]) == 2
+    assert "cannot read image file" in one_error_line(capsys)
+
+
+def test_train_evaluate_caption_round_trip(tmp_path, cache, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--mapper", "mlp", "--prefix-length", "3",
+                 "--out", run]) == 0  # fmt: skip
+    assert "trained 4 steps" in capsys.readouterr().out and (tmp_path / "run" / "loss.png").is_file()
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--out", run]) == 2  # not overwritten without --resume
+    assert "already holds a checkpoint: add --resume" in one_error_line(capsys)
+
+    assert main(["evaluate", "--checkpoint", run, "--images", "4", "--strategy", "beam", "--beams", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | test | heldout |" in out and "| CIDEr |" in out
+
+    world = ShapesWorld("test", image_size=64, seed=5, length=2)  # twice the captioner's size: resized
+    paths = [tmp_path / "scene.png", tmp_path / "scene with alpha.png"]
+    Image.fromarray(world.image(0)).save(paths[0])
+    Image.fromarray(np.dstack([world.image(1), np.full((64, 64), 255, np.uint8)])).save(paths[1])  # RGBA
+    assert main(["caption", "--checkpoint", run, *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.partition(": ")[0] for line in lines] == list(map(str, paths))
+
+
+def test_bad_options_and_checkpoints_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--preset", "tiny", "--steps", "0"])
+    assert done.value.code == 2 and "must be a positive integer, got '0'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "holds no complete checkpoint" in one_error_line(capsys)
+    assert main(["train", "--preset", "tiny", "--lm", "no-such-lm", "--out", str(tmp_path / "run")]) == 2
+    assert "unknown language model 'no-such-lm'" in one_error_line(capsys)
