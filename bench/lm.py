@@ -7,6 +7,8 @@ the point), then probes it with text alone (`minivlm.probes`):
 - perplexity on held-out corpus documents (never trained on);
 - copy accuracy: "CAPTION." continued by " CAPTION." exactly, on test-split captions, and on
   held-out-split captions (colour–shape pairs no training *image* has; the default corpus does name them);
+- the copies read back attribute by attribute (sentence shape vs content words), and how similar the
+  embeddings of interchangeable words are (" red" vs " blue": 1.0 means the LM cannot tell them apart);
 - N-way fast binding (Frozen's task, in text): 2-way and 5-way, 1 shot, with and without task
   induction ("answer with dax or wug."); chance is 1 / N;
 - question answering from a caption in the prompt.
@@ -28,7 +30,7 @@ import torch
 
 from minivlm.data import shapes as S
 from minivlm.lm import LM_PRESETS, evaluate_perplexity, heldout_texts, pretrain
-from minivlm.probes import answer_accuracy, binding_accuracy, copy_accuracy
+from minivlm.probes import answer_accuracy, binding_accuracy, copy_accuracy, copy_attribute_scores, word_similarity
 
 TARGET_SECONDS = 300  # pretraining on 2 CPU cores
 
@@ -60,6 +62,8 @@ def main() -> None:
         "heldout_perplexity": round(evaluate_perplexity(model, tokenizer, heldout_texts(config), config.n_positions), 3),
         "copy_test": copy_accuracy(model, tokenizer, [S.caption(S.sample_scene("test", 0, i)) for i in range(n)]),
         "copy_heldout": copy_accuracy(model, tokenizer, [S.caption(S.sample_scene("heldout", 0, i)) for i in range(n)]),
+        "copy_attributes": copy_attribute_scores(model, tokenizer, [S.caption(S.sample_scene("test", 0, i)) for i in range(n)]),
+        "word_similarity": word_similarity(model, tokenizer),
         "answer": answer_accuracy(model, tokenizer, [S.sample_scene("test", 0, i) for i in range(n)]),
         "binding": [
             {"ways": ways, "shots": 1, "task_induction": ti, "chance": 1 / ways,
@@ -74,6 +78,10 @@ def main() -> None:
     print(f"held-out perplexity    {results['heldout_perplexity']:>10.3f}")
     print(f"copy, test captions    {results['copy_test']:>10.1%}   ({n} captions)")
     print(f"copy, held-out pairs   {results['copy_heldout']:>10.1%}")
+    a = results["copy_attributes"]
+    print("copy, per attribute    " + ", ".join(f"{k} {a[k]:.0%}" for k in ("count", "relation", "size", "colour", "shape")))
+    w = results["word_similarity"]
+    print("word similarity        " + ", ".join(f"{k}s {v:.2f}" for k, v in w.items()) + "   (cosine; 1 = merged)")
     print(f"question answering     {results['answer']:>10.1%}")
     print("\nfast binding, 1 shot   accuracy   chance")
     for row in results["binding"]:

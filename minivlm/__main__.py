@@ -143,15 +143,21 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
     """Pretrain (or load) the course LM; print where it lives and what the text probes say."""
     from minivlm.data.shapes import caption, sample_scene
     from minivlm.lm import course_lm
-    from minivlm.probes import binding_accuracy, copy_accuracy
+    from minivlm.probes import binding_accuracy, copy_accuracy, copy_attribute_scores, word_similarity
 
     model, tokenizer, info = course_lm(args.preset, retrain=args.retrain)
     stats = info["stats"]
     print(f"course LM '{args.preset}': {stats['params']:,} parameters, trained {stats['train_seconds']:.0f} s "
           f"to loss {stats['final_loss']:.3f}; cached in {info['path']}")  # fmt: skip
-    copy = copy_accuracy(model, tokenizer, [caption(sample_scene("test", 0, i)) for i in range(100)])
+    captions = [caption(sample_scene("test", 0, i)) for i in range(100)]
+    copy = copy_accuracy(model, tokenizer, captions)
     bind = binding_accuracy(model, tokenizer, ways=2, episodes=100)
     print(f"text probes: copy a caption {copy:.0%}, 2-way name binding {bind:.0%} (chance 50%)")
+    parts = copy_attribute_scores(model, tokenizer, captions)
+    print("copies, per attribute: " + ", ".join(f"{k} {parts[k]:.0%}" for k in ("count", "relation", "size", "colour", "shape")))
+    similar = word_similarity(model, tokenizer)
+    print("embedding cosine within word groups (1 = cannot tell them apart): "
+          + ", ".join(f"{k}s {v:.2f}" for k, v in similar.items()))  # fmt: skip
     return 0
 
 

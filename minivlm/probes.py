@@ -10,6 +10,13 @@ directly, with greedy decoding (`minivlm.decoding.greedy`), before any image is 
   does it say " dax."? Names are drawn fresh for each episode, so only the context can tell (Frozen's
   fast-binding task, Tsimpoukelli et al., 2021, in text); chance is 1 / ways.
 - answer: after "<caption> q: what colour is the circle? a:" does it say the right colour?
+- copy, per attribute: the copies read back by the caption parser (`minivlm.evaluate`): an LM can
+  copy a sentence's *shape* (how many objects, which links) by position alone, and still lose the
+  content words (colour, shape, size), which are what a visual prefix has to get across.
+- word similarity: the cosine similarity of the token embeddings of words the corpus uses
+  interchangeably (" red" and " blue"). Where nothing in the text depends on *which* colour was said
+  except copying, training can leave them all but the same vector; an LM that cannot tell " red" from
+  " blue" apart cannot copy one of them either.
 
 A probe scores an answer right only if the continuation starts with exactly the expected text, the
 closing "." included. Works with our GPT2 and transformers' GPT2LMHeadModel.
@@ -27,7 +34,10 @@ from minivlm.corpus import binding_prompt
 from minivlm.data import shapes as S
 from minivlm.decoding import greedy
 
-__all__ = ["complete", "accuracy", "copy_accuracy", "binding_accuracy", "answer_accuracy"]
+__all__ = ["complete", "accuracy", "copy_accuracy", "copy_attribute_scores", "binding_accuracy", "answer_accuracy",
+           "WORD_GROUPS", "word_similarity"]  # fmt: skip
+
+WORD_GROUPS = {"size": S.SIZES, "colour": S.COLOURS, "shape": S.SHAPES}  # words a caption uses interchangeably
 
 
 @torch.no_grad()
@@ -65,6 +75,37 @@ def copy_accuracy(model: nn.Module, tokenizer, captions: Sequence[str]) -> float
     if not all(c.startswith("a ") for c in captions):
         raise ValueError("copy_accuracy expects shapes-world captions, which all start with 'a '")
     return accuracy(model, tokenizer, [f"{c} a" for c in captions], [c[1:] for c in captions])
+
+
+def copy_attribute_scores(model: nn.Module, tokenizer, captions: Sequence[str]) -> dict[str, float]:
+    """The copy probe's continuations, scored attribute by attribute against the caption (`attribute_scores`)."""
+    from minivlm.evaluate import attribute_scores  # pycocoevalcap is imported only where it is needed
+
+    if not all(c.startswith("a ") for c in captions):
+        raise ValueError("copy_attribute_scores expects shapes-world captions, which all start with 'a '")
+    longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions)
+    continuations = complete(model, tokenizer, [f"{c} a" for c in captions], max_new_tokens=longest + 1)
+    return attribute_scores(["a" + c.split(".")[0] + "." for c in continuations], list(captions))
+
+
+@torch.no_grad()
+def word_similarity(model: nn.Module, tokenizer, groups: dict[str, Sequence[str]] = WORD_GROUPS) -> dict[str, float]:
+    """Mean pairwise cosine similarity of the input embeddings of each group's words, each read as ' word'.
+
+    A word the tokenizer splits into several tokens is represented by the mean of their embeddings.
+    """
+    table = model.get_input_embeddings().weight
+    out = {}
+    for name, words in groups.items():
+        if len(words) < 2:
+            raise ValueError(f"group {name!r} needs at least two words to compare, got {list(words)}")
+        ids = [tokenizer(f" {w}", add_special_tokens=False)["input_ids"] for w in words]
+        e = torch.stack([table[i].float().mean(0) for i in ids])  # (W, D)
+        e = torch.nn.functional.normalize(e, dim=-1)
+        cos = e @ e.T  # (W, W)
+        w = len(ids)
+        out[name] = float((cos.sum() - w) / (w * (w - 1)))  # the mean off the diagonal
+    return out
 
 
 def binding_accuracy(

@@ -11,7 +11,9 @@ from torch import nn
 
 from minivlm.corpus import CorpusConfig, documents
 from minivlm.data import shapes as S
-from minivlm.probes import answer_accuracy, binding_accuracy, complete, copy_accuracy
+from minivlm.probes import (
+    answer_accuracy, binding_accuracy, complete, copy_accuracy, copy_attribute_scores, word_similarity,
+)  # fmt: skip
 from minivlm.tokenizer import train_tokenizer
 
 CAPTIONS = [S.caption(S.sample_scene("test", 0, i)) for i in range(30)]
@@ -103,3 +105,26 @@ def test_a_prompt_longer_than_the_context_is_refused(tokenizer):
     model.config.n_positions = 8
     with pytest.raises(ValueError, match="leaves no room in the model's context of 8 tokens"):
         complete(model, tokenizer, CAPTIONS[:2], max_new_tokens=5)
+
+
+def test_copy_attribute_scores_tell_the_sentence_from_its_words(tokenizer):
+    again = lambda p: p[p.index(" ") : -2]  # noqa: E731  a perfect copy
+    assert copy_attribute_scores(Oracle(tokenizer, again), tokenizer, CAPTIONS)["exact match"] == 1.0
+    # right sentence shape, wrong colour: count and shape survive, colour does not
+    recolour = lambda p: again(p).replace(" red ", " blue ").replace(" green ", " red ")  # noqa: E731
+    scores = copy_attribute_scores(Oracle(tokenizer, recolour), tokenizer, CAPTIONS)
+    assert scores["count"] == 1.0 and scores["shape"] == 1.0 and scores["colour"] < 1.0
+
+
+def test_word_similarity_is_one_for_merged_words_and_low_for_distinct_ones(tokenizer):
+    from minivlm.gpt2 import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=64, n_layer=1, n_head=2))
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    assert all(abs(v) < 0.4 for v in word_similarity(model, tokenizer).values())  # random vectors: nearly orthogonal
+    table = model.get_input_embeddings().weight.data
+    small, large = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" small", " large"))
+    table[large] = 3 * table[small]  # same direction
+    assert word_similarity(model, tokenizer)["size"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least two words"):
+        word_similarity(model, tokenizer, {"x": ["small"]})
