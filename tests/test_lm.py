@@ -17,7 +17,7 @@ from minivlm.corpus import CorpusConfig
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.hub import OfflineError
 from minivlm.lm import (
-    LM_PRESETS, cache_key, course_lm, document_ranges, evaluate_perplexity, freeze, heldout_texts,
+    LM_PRESETS, cache_key, course_lm, document_ranges, document_starts, evaluate_perplexity, freeze, heldout_texts,
     learning_rate, load_frozen_lm, pretrain,
 )  # fmt: skip
 from minivlm.tokenizer import train_tokenizer
@@ -207,3 +207,12 @@ def test_hub_model_offline_fails_fast(monkeypatch, tmp_path):
     with pytest.raises(OfflineError, match="not in the local Hugging Face cache"):
         load_frozen_lm("gpt2")
     assert time.perf_counter() - start < 10
+
+
+def test_training_windows_start_at_document_starts():
+    stream = torch.tensor([0, 5, 6, 0, 7, 0, 8, 9, 9, 0])  # EOT = 0 before every document
+    assert document_starts(stream, eot=0, t=4).tolist() == [0, 3, 5]  # 9 would leave a window of 1 token
+    windows = stream[document_starts(stream, 0, 4)[:, None] + torch.arange(4)]  # (S, T)
+    assert (windows[:, 0] == 0).all()
+    with pytest.raises(ValueError, match="no document starts a window"):
+        document_starts(torch.tensor([0, 5, 6]), eot=0, t=4)
