@@ -12,7 +12,12 @@ corpus holds documents that are only predictable by reading back:
   name binding, the skill Frozen's few-shot results rest on (Tsimpoukelli et al., 2021, section 4.2);
 - "drill": a list of made-up words said again: copying tokens never seen in that order before, which
   builds "induction heads" (Olsson et al., 2022), the attention pattern that finds the earlier copy of
-  the current token and predicts what followed it.
+  the current token and predicts what followed it;
+- "fact": what things in the world look like ("a whale is large. grass is green. a wheel is a
+  circle."): the only documents in which *which* size, colour or shape comes next follows from the
+  words alone. Everywhere else the words of a kind are interchangeable, and an LM that never has to
+  tell " small" from " large" can leave them all but the same vector, which no prefix can then pick
+  apart. Real text is full of such facts; our small corpus has to say them on purpose.
 
 Made-up words are drawn fresh for every document ("kumo vefasi ..."), so no name can be memorised: the
 only way to predict it is to find it earlier in the context. Every document is a pure function of
@@ -33,10 +38,24 @@ from minivlm.data import shapes as S
 
 __all__ = ["KINDS", "NAMES", "CorpusConfig", "made_up_word", "document", "documents", "binding_prompt"]
 
-KINDS = ("caption", "repeat", "qa", "binding", "drill")
+KINDS = ("caption", "repeat", "qa", "binding", "drill", "fact")
 # Names in the style of the Frozen paper's miniImageNet tasks; half of all binding documents use these,
 # the other half fresh made-up words.
 NAMES = ("dax", "blicket", "wug", "zib", "fep", "toma", "kiki", "bouba", "gazzer", "tufa", "modi", "pilk")
+# "fact" documents: things whose size, colour or shape everyone knows, one sentence pattern per kind.
+FACTS = {
+    "small": ("mouse", "coin", "ant", "pea", "button", "bee", "seed", "pebble"),
+    "large": ("whale", "house", "elephant", "mountain", "ship", "tree", "bus", "castle"),
+    "red": ("tomato", "cherry", "strawberry", "fire truck", "ruby", "rose"),
+    "green": ("grass", "leaf", "frog", "lime", "cucumber", "forest"),
+    "blue": ("sky", "sea", "blueberry", "sapphire", "ocean", "lake"),
+    "yellow": ("sun", "banana", "lemon", "egg yolk", "sunflower", "canary"),
+    "purple": ("grape", "plum", "violet", "lavender", "eggplant", "amethyst"),
+    "circle": ("wheel", "plate", "clock face", "full moon", "ring", "pizza"),
+    "square": ("chessboard", "window pane", "tile", "napkin", "stamp", "box lid"),
+    "triangle": ("sail", "roof", "pyramid face", "slice of cake", "warning sign", "coat hanger"),
+    "diamond": ("kite", "playing card pip", "road sign", "rhombus", "gem", "harlequin patch"),
+}
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 
@@ -46,7 +65,7 @@ class CorpusConfig:
     """How the corpus is mixed; the defaults are what the course's LM is pretrained on."""
 
     mix: dict[str, float] = field(
-        default_factory=lambda: {"caption": 1.0, "repeat": 1.0, "qa": 1.0, "binding": 1.0, "drill": 1.0}
+        default_factory=lambda: {"caption": 1.0, "repeat": 1.0, "qa": 1.0, "binding": 1.0, "drill": 1.0, "fact": 1.0}
     )  # relative frequency of each document kind in KINDS
     seed: int = 0  # with a document's index, fixes its text
     strict: bool = False  # True: no held-out colour–shape pair appears anywhere in the text
@@ -93,6 +112,14 @@ def _phrase(rng: np.random.Generator, strict: bool, *, shape: str | None = None,
         c = colour or S.COLOURS[rng.integers(len(S.COLOURS))]
         if not (strict and (c, s) in S.HELD_OUT_PAIRS):
             return f"a {S.SIZES[rng.integers(len(S.SIZES))]} {c} {s}."
+
+
+def _fact(rng: np.random.Generator) -> str:
+    """One sentence of world knowledge: 'a whale is large.', 'the sky is blue.', 'a wheel is a circle.'."""
+    attribute = list(FACTS)[rng.integers(len(FACTS))]
+    thing = FACTS[attribute][rng.integers(len(FACTS[attribute]))]
+    shape = attribute in S.SHAPES
+    return f"{'the' if rng.random() < 0.5 else 'a'} {thing} is {'a ' if shape else ''}{attribute}."
 
 
 def binding_prompt(
@@ -145,6 +172,8 @@ def document(config: CorpusConfig, index: int) -> str:
         prompt, name = binding_prompt(rng, ways, int(rng.integers(1, 4)), task_induction=bool(rng.random() < 0.5),
                                       strict=config.strict, queries=int(rng.integers(1, 4)))  # fmt: skip
         return f"{prompt} {name}."
+    if kind == "fact":
+        return " ".join(_fact(rng) for _ in range(int(rng.integers(2, 6))))
     words = " ".join(made_up_word(rng) for _ in range(int(rng.integers(4, 12))))  # drill
     return f"{words}. {words}."
 

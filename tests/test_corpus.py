@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from minivlm.corpus import KINDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word
+from minivlm.corpus import FACTS, KINDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word
 from minivlm.data import shapes as S
 
 PHRASE = re.compile(rf"a ({'|'.join(S.SIZES)}) ({'|'.join(S.COLOURS)}) ({'|'.join(S.SHAPES)})")
@@ -48,6 +48,13 @@ def test_each_kind_alone(kind):
         for d in docs:
             first, second = d[:-1].split(". ")
             assert first == second and 4 <= len(first.split()) <= 11
+    elif kind == "fact":  # every sentence states a thing's true size, colour or shape
+        known = {thing: attribute for attribute, things in FACTS.items() for thing in things}
+        for d in docs:
+            for sentence in d[:-1].split(". "):
+                m = re.fullmatch(r"(?:a|the) ([a-z ]+) is (?:a )?(\w+)", sentence)
+                assert m and m.group(2) in S.SIZES + S.COLOURS + S.SHAPES, sentence
+                assert known.get(m.group(1), m.group(2)) == m.group(2), sentence
     else:  # binding: every query's name is the one bound to its category earlier in the document
         for d in docs:
             check_binding(d)
