@@ -176,7 +176,8 @@ def train_config(preset: str, steps: int | None = None, *, lm: str | None = None
 
 def run_train(args: argparse.Namespace) -> int:
     """Train a captioner into a checkpoint folder; plot its loss there."""
-    from minivlm.train import save_loss_curve, train
+    from minivlm.report import save_loss_curve
+    from minivlm.train import train
 
     config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, mapper=args.mapper,
                           prefix_length=args.prefix_length, train_lm=args.train_lm or None)  # fmt: skip

@@ -19,7 +19,7 @@ A report folder (`write_report`):
     metrics.md    how the run was set up, its timings, then the table: one column per split
     metrics.json  the same numbers (and the config) for scripts
     samples.png   images from each split, the generated caption (green: exact match, red: not) and the true one
-    loss.png      the training loss per step (`minivlm.train.save_loss_curve`)
+    loss.png      the training loss per step (`save_loss_curve`)
 
 Axis letters: N images, B batch, H height, W width.
 """
@@ -41,10 +41,9 @@ from minivlm.data.captions import ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.decoding import STRATEGIES
 from minivlm.evaluate import evaluate_captions, metrics_table, true_captions
-from minivlm.train import save_loss_curve
 
 __all__ = ["EVAL_SEED", "EVAL_SPLITS", "SplitCaptions", "decoding_options", "caption_splits", "evaluate_splits",
-           "caption_grid", "write_report"]  # fmt: skip
+           "caption_grid", "save_loss_curve", "write_report"]  # fmt: skip
 
 EVAL_SEED = 1  # the seed of the evaluation scenes; training draws its scenes with TrainConfig.data_seed (0)
 EVAL_SPLITS = ("test", "heldout")  # new scenes of the training distribution; scenes with a held-out pair
@@ -163,6 +162,32 @@ def caption_grid(images: np.ndarray, predictions: Sequence[str], truths: Sequenc
     fig.subplots_adjust(wspace=0.15, hspace=0.75)
     path = Path(path)
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1)  # "tight": the last row's text too
+    return path
+
+
+def save_loss_curve(history: dict, path: str | Path) -> Path:
+    """Plot the training loss against the step, raw and as a moving average, to a PNG file (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # a Figure without pyplot: no window, no global backend switch
+
+    loss = np.asarray(history["loss"], dtype=float)  # (steps,)
+    if loss.size == 0:
+        raise ValueError("the history holds no losses to plot")
+    steps = np.arange(1, loss.size + 1)
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)  # the Agg renderer draws to memory, then to the PNG
+    ax = fig.add_subplot()
+    ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss per step")
+    window = max(1, loss.size // 20)
+    if window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")  # mean of each `window` steps
+        ax.plot(steps[window - 1 :], smooth, lw=2, label=f"mean of {window} steps")
+    ax.set(xlabel="step", ylabel="caption loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png", dpi=120)
     return path
 
 

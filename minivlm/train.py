@@ -35,8 +35,10 @@ Axis letters: N training images, B batch, T caption tokens, D the LM's width.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -56,13 +58,14 @@ from minivlm.lm import freeze, learning_rate, load_frozen_lm
 
 __all__ = [
     "LM_INITS", "TrainConfig", "TRAIN_PRESETS", "batch_indices", "learned_state", "train", "read_config",
-    "load_captioner", "save_loss_curve",
+    "load_captioner", "course_captioner",
 ]  # fmt: skip
 
 LM_INITS = ("pretrained", "random")  # the LM as loaded, or its architecture with random weights (a control)
 BOOKKEEPING = ("sample_every", "checkpoint_every", "threads")  # fields a resumed run may change
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
+CAPTIONER_CACHE_VERSION = 1  # bump when training code changes what a config trains: cached captioners retrain
 SAMPLES = 2  # training images whose generated captions are printed every sample_every steps
 
 
@@ -304,6 +307,39 @@ def load_captioner(out_dir: str | Path, lm: nn.Module | None = None) -> Captione
     return captioner.eval()
 
 
+def course_captioner(preset: str = "cpu", *, retrain: bool = False, progress: bool = True) -> tuple[Captioner, object, dict]:
+    """The course's trained captioner of a TRAIN_PRESETS preset, its tokenizer and info: from the cache, or trained once.
+
+    What the lessons after lesson 06 start from, so a learner may open any of them first. The cache
+    entry is named by the preset and a hash of its TrainConfig, the LM's identity (for the course LM,
+    its own cache key) and CAPTIONER_CACHE_VERSION; training writes to a temporary folder renamed into
+    place at the end, so an interrupted run leaves no half-made entry. info: the config, the training
+    history and the cache path.
+    """
+    from minivlm.lm import LM_PRESETS, cache_dir, cache_key
+
+    config = _resolve(preset)
+    lm, tokenizer = load_frozen_lm(config.lm)
+    name, _, lm_preset = config.lm.partition(":")
+    lm_identity = cache_key(LM_PRESETS[lm_preset or "cpu"]) if name == "course" else config.lm
+    text = json.dumps({"version": CAPTIONER_CACHE_VERSION, "lm": lm_identity, "train": config.to_dict()}, sort_keys=True)
+    directory = cache_dir() / "captioner" / f"{preset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if retrain or not (directory / WEIGHTS).is_file():
+        temp = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
+        shutil.rmtree(temp, ignore_errors=True)
+        try:
+            train(config, lm=lm, tokenizer=tokenizer, out_dir=temp, progress=progress)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(temp, directory)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+        print(f"captioner '{preset}' cached in {directory}")
+    captioner = load_captioner(directory, lm=lm)
+    history = json.loads((directory / HISTORY).read_text())
+    history.pop("step")
+    return captioner, tokenizer, {"config": config, "history": history, "path": str(directory)}
+
+
 def _resume(out_dir: Path, config: TrainConfig, captioner: Captioner,
             optimizer: torch.optim.Optimizer) -> tuple[int, dict]:  # fmt: skip
     """Load a checkpoint into captioner and optimizer; return (its step, its history)."""
@@ -406,29 +442,3 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
         if callback is not None:
             callback(done, captioner, history)
     return captioner.eval(), history
-
-
-def save_loss_curve(history: dict, path: str | Path) -> Path:
-    """Plot the training loss against the step, raw and as a moving average, to a PNG file (no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # a Figure without pyplot: no window, no global backend switch
-
-    loss = np.asarray(history["loss"], dtype=float)  # (steps,)
-    if loss.size == 0:
-        raise ValueError("the history holds no losses to plot")
-    steps = np.arange(1, loss.size + 1)
-    fig = Figure(figsize=(6, 3.5))
-    FigureCanvasAgg(fig)  # the Agg renderer draws to memory, then to the PNG
-    ax = fig.add_subplot()
-    ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss per step")
-    window = max(1, loss.size // 20)
-    if window > 1:
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")  # mean of each `window` steps
-        ax.plot(steps[window - 1 :], smooth, lw=2, label=f"mean of {window} steps")
-    ax.set(xlabel="step", ylabel="caption loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=120)
-    return path

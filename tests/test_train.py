@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import minivlm.train as T
 from minivlm.captioner import CAPTIONER_PRESETS
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
+from minivlm.report import save_loss_curve
 from minivlm.tokenizer import train_tokenizer
 from minivlm.train import TrainConfig, batch_indices, learned_state, load_captioner, read_config, train
 
@@ -170,11 +172,11 @@ def test_samples_are_printed_and_loss_curve_is_a_png(lm, tokenizer, run, tmp_pat
     train(replace(CONFIG, steps=1, warmup=0, sample_every=1), lm=lm, tokenizer=tokenizer, progress=False)
     printed = capsys.readouterr().out
     assert printed.count("step 1:") == 2 and printed.count("truth:") == 2
-    path = T.save_loss_curve(history, tmp_path / "loss.png")
+    path = save_loss_curve(history, tmp_path / "loss.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 100
     with pytest.raises(ValueError, match="no losses"):
-        T.save_loss_curve({"loss": []}, tmp_path / "empty.png")
+        save_loss_curve({"loss": []}, tmp_path / "empty.png")
 
 
 @pytest.mark.parametrize(
@@ -194,3 +196,27 @@ def test_bad_arguments_are_refused(lm, tokenizer):
         train(CONFIG, lm=lm, tokenizer=tokenizer, resume=True, progress=False)
     with pytest.raises(ValueError, match="unknown training preset"):
         train("huge")
+
+
+def test_course_captioner_trains_once_into_the_cache_then_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINIVLM_CACHE", str(tmp_path / "cache"))
+    captioner, tokenizer, info = T.course_captioner("tiny", progress=False)
+    assert "cached in" in capsys.readouterr().out
+    assert len(info["history"]["loss"]) == T.TRAIN_PRESETS["tiny"].steps
+    entries = [p.name for p in (tmp_path / "cache" / "captioner").iterdir()]
+    assert entries == [Path(info["path"]).name] and entries[0].startswith("tiny-")  # no temporary folder left
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached captioner should be loaded, not trained again")
+
+    monkeypatch.setattr(T, "train", no_training)
+    again, _, info2 = T.course_captioner("tiny", progress=False)
+    assert info2["history"] == info["history"]
+    for (name, a), b in zip(learned_state(captioner).items(), learned_state(again).values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(AssertionError, match="not trained again"):
+        T.course_captioner("tiny", retrain=True, progress=False)
+    assert (Path(info["path"]) / "trainable.safetensors").is_file()  # a failed retrain keeps the old entry
+    assert [p.name for p in (tmp_path / "cache" / "captioner").iterdir()] == entries
+    with pytest.raises(ValueError, match="unknown training preset"):
+        T.course_captioner("huge")
