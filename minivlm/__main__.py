@@ -2,8 +2,9 @@
 
 verify and pretrain-lm check the language side; train, evaluate and caption are the captioner's life
 cycle, one checkpoint folder passed from each to the next; demo runs all of it end to end and writes
-a report. A mistake the user can fix (a bad value, a missing file, no network) ends in one line on
-stderr, `minivlm: error: ...`, and exit code 2, as argparse ends a bad argument: never a traceback.
+a report; check runs a lesson exercise's self-check from the shell. A mistake the user can fix (a bad
+value, a missing file, no network) ends in one line on stderr, `minivlm: error: ...`, and exit code 2,
+as argparse ends a bad argument: never a traceback.
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=positive_int, metavar="N", help="images per evaluation split "
                       f"(default: {', '.join(f'{n} with {p}' for p, n in DEMO_IMAGES.items())})")  # fmt: skip
     demo.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"report folder (default: {DEMO_OUT})")
+
+    check = commands.add_parser(
+        "check", help="run an exercise's self-check from the shell: python -m minivlm check 1.1",
+        description="Run the code cells of an exercise's lesson notebook (exercises/NN_*.ipynb, the one you edit) "
+        "in order, up to and including the cell that calls check(\"N.M\", ...), and say whether the exercise "
+        "passes, with a hint if it does not. Exit code 0: passed; 1: failed, not done, or an earlier cell broke.",
+    )  # fmt: skip
+    check.add_argument("exercise", metavar="N.M", help="the exercise, e.g. 1.1 (lesson 1, exercise 1)")
+    where = check.add_mutually_exclusive_group()
+    where.add_argument("--solutions", action="store_true", help="run the filled-in solutions/ notebook instead")
+    where.add_argument("--notebook", metavar="PATH", help="run this notebook instead")
     return parser
 
 
@@ -293,8 +305,17 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_check(args: argparse.Namespace) -> int:
+    """Run one exercise's self-check in its notebook; print passed, the hint, or what broke first."""
+    from minivlm.exercises.run import run_exercise
+
+    outcome = run_exercise(args.exercise, solutions=args.solutions, notebook=args.notebook)
+    print(outcome.message)
+    return 0 if outcome.passed else 1
+
+
 COMMANDS = {"verify": run_verify, "pretrain-lm": run_pretrain_lm, "train": run_train, "evaluate": run_evaluate,
-            "caption": run_caption, "demo": run_demo}  # fmt: skip
+            "caption": run_caption, "demo": run_demo, "check": run_check}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from minivlm.__main__ import main
 from minivlm.data.shapes import ShapesWorld
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("verify", "pretrain-lm", "train", "evaluate", "caption", "demo")
+COMMANDS = ("verify", "pretrain-lm", "train", "evaluate", "caption", "demo", "check")
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
