@@ -117,8 +117,8 @@ def check_perplexity(perplexity: Callable) -> str:
     if not _close(got, _reference_perplexity(losses, mask)):
         fail("right with a 0/1 integer mask but not with a boolean one (True for real tokens): convert the mask "
              "with mask.float() (or index with mask.bool()) so both work")  # fmt: skip
-    return ("equals exp(Σ loss·mask / Σ mask) (minivlm.lm.evaluate_perplexity's definition) on batches with padding, "
-            f"and a uniform guess over {v} tokens has perplexity {v}")  # fmt: skip
+    return ("equals exp(Σ loss·mask / Σ mask) (minivlm.lm.evaluate_perplexity's definition) on batches with "
+            f"padding, and a uniform guess over {v} tokens has perplexity {v}")  # fmt: skip
 
 
 # Exercise 3.2: linear warm-up, then cosine decay to a floor --------------------------------------------
@@ -127,45 +127,52 @@ def check_perplexity(perplexity: Callable) -> str:
 SCHEDULES = [(2e-3, 100, 1000, 0.1), (1e-2, 5, 30, 0.1), (0.5, 0, 12, 0.2), (1.0, 3, 10, 0.0)]
 
 
+def _variant(warm: Callable | None = None, progress: Callable | None = None, end: Callable | None = None) -> Callable:
+    """learning_rate(step, peak, warmup, steps, floor) with one part done wrong: the warm-up, the decay's progress
+    p (from 0 to 1), or how the decay's end (peak, floor, p) -> rate is computed."""
+
+    def rate(s: int, peak: float, w: int, n: int, floor: float) -> float:
+        if s < w:
+            return warm(s, peak, w) if warm else peak * (s + 1) / w
+        p = progress(s, w, n) if progress else (s - w) / max(1, n - 1 - w)
+        return end(peak, floor, p) if end else peak * (floor + (1 - floor) * _cosine(p))
+
+    return rate
+
+
 def _cosine(progress: float) -> float:
+    """Half a cosine: 1 at progress 0, 0 at progress 1."""
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _warm(step, peak, warmup):
-    return peak * (step + 1) / warmup
-
-
+BLEND = "peak * (floor + (1 - floor) * 0.5 * (1 + cos(π · progress)))"
 SCHEDULE_MISTAKES: dict[str, tuple[Callable[..., float], str]] = {
-    "warm-up from 0": (
-        lambda s, p, w, n, f: p * s / w if s < w else learning_rate(s, peak=p, warmup=w, steps=n, floor=f),
-        "your warm-up is off by one: step 0 gets a learning rate of 0 (a wasted step) and the peak is reached one "
-        "step late. Use peak * (step + 1) / warmup, so that step warmup - 1 is at the peak"),
-    "no floor": (
-        lambda s, p, w, n, f: learning_rate(s, peak=p, warmup=w, steps=n, floor=0.0),
-        "your schedule decays to 0: it should end at floor * peak. Blend the cosine between the two: "
-        "peak * (floor + (1 - floor) * 0.5 * (1 + cos(π · progress)))"),
-    "floor not scaled by the peak": (
-        lambda s, p, w, n, f: _warm(s, p, w) if s < w else f + (p - f) * _cosine((s - w) / max(1, n - 1 - w)),
-        "the floor is a fraction of the peak: the schedule should end at floor * peak, not at floor"),
-    "floor by clamping": (
-        lambda s, p, w, n, f: _warm(s, p, w) if s < w else max(f * p, p * _cosine((s - w) / max(1, n - 1 - w))),
-        "you clamped the cosine at the floor, which flattens its end: blend instead, "
-        "peak * (floor + (1 - floor) * 0.5 * (1 + cos(π · progress))), which meets the floor exactly at the last step"),
-    "decay over steps - warmup": (
-        lambda s, p, w, n, f: _warm(s, p, w) if s < w else p * (f + (1 - f) * _cosine((s - w) / (n - w))),
-        "the decay never reaches the floor: the last step is steps - 1, so progress = (step - warmup) / "
-        "(steps - 1 - warmup) runs from 0 at the end of the warm-up to 1 at the last step"),
-    "decay over all steps": (
-        lambda s, p, w, n, f: _warm(s, p, w) if s < w else p * (f + (1 - f) * _cosine(s / max(1, n - 1))),
-        "your cosine counts from step 0, so the warm-up eats its top and the peak is never reached: measure "
-        "progress from the end of the warm-up, (step - warmup) / (steps - 1 - warmup)"),
-    "no one half": (
-        lambda s, p, w, n, f: _warm(s, p, w) if s < w else p * (f + (1 - f) * math.cos(math.pi * (s - w) / max(1, n - 1 - w))),
-        "your cosine goes from 1 down to -1: rescale it to run from 1 to 0 with 0.5 * (1 + cos(π · progress))"),
-    "cos(π/2 · progress)": (
-        lambda s, p, w, n, f: _warm(s, p, w) if s < w else p * (f + (1 - f) * math.cos(0.5 * math.pi * (s - w) / max(1, n - 1 - w))),
-        "your curve is a quarter cosine, cos(π/2 · progress), which falls fastest at the end: use half a "
-        "cosine, 0.5 * (1 + cos(π · progress)), which falls slowly, then fast, then slowly"),
+    "warm-up from 0": (_variant(warm=lambda s, p, w: p * s / w),
+                       "your warm-up is off by one: step 0 gets a learning rate of 0 (a wasted step) and the peak is "
+                       "reached one step late. Use peak * (step + 1) / warmup, so that step warmup - 1 is at the peak"),
+    "no floor": (_variant(end=lambda p, f, x: p * _cosine(x)),
+                 f"your schedule decays to 0: it should end at floor * peak. Blend the cosine between the two: "
+                 f"{BLEND}"),
+    "floor not scaled by the peak": (_variant(end=lambda p, f, x: f + (p - f) * _cosine(x)),
+                                     "the floor is a fraction of the peak: the schedule should end at floor * peak, "
+                                     "not at floor"),
+    "floor by clamping": (_variant(end=lambda p, f, x: max(f * p, p * _cosine(x))),
+                          f"you clamped the cosine at the floor, which flattens its end: blend instead, {BLEND}, "
+                          f"which meets the floor exactly at the last step"),
+    "decay over steps - warmup": (_variant(progress=lambda s, w, n: (s - w) / (n - w)),
+                                  "the decay never reaches the floor: the last step is steps - 1, so progress = "
+                                  "(step - warmup) / (steps - 1 - warmup) runs from 0 at the end of the warm-up to 1 "
+                                  "at the last step"),
+    "decay over all steps": (_variant(progress=lambda s, w, n: s / max(1, n - 1)),
+                             "your cosine counts from step 0, so the warm-up eats its top and the peak is never "
+                             "reached: measure progress from the end of the warm-up, (step - warmup) / "
+                             "(steps - 1 - warmup)"),
+    "no one half": (_variant(end=lambda p, f, x: p * (f + (1 - f) * math.cos(math.pi * x))),
+                    "your cosine goes from 1 down to -1: rescale it to run from 1 to 0 with "
+                    "0.5 * (1 + cos(π · progress))"),
+    "quarter cosine": (_variant(end=lambda p, f, x: p * (f + (1 - f) * math.cos(math.pi / 2 * x))),
+                       "your curve is a quarter cosine, cos(π/2 · progress), which falls fastest at the end: use "
+                       "half a cosine, 0.5 * (1 + cos(π · progress)), which falls slowly, then fast, then slowly"),
 }  # fmt: skip
 
 
@@ -199,8 +206,7 @@ def check_learning_rate(schedule: Callable) -> str:
                     if _matches(schedule, mistake, peak, warmup, steps, floor):
                         fail(f"{what} gave {got:.4g}, expected {expected:.4g}: {hint}")
                 fail(f"{what} gave {got:.4g}, expected {expected:.4g}. The schedule: peak * (step + 1) / warmup "
-                     f"while step < warmup; then peak * (floor + (1 - floor) * 0.5 * (1 + cos(π · progress))) with "
-                     f"progress = (step - warmup) / (steps - 1 - warmup)")  # fmt: skip
+                     f"while step < warmup; then {BLEND} with progress = (step - warmup) / (steps - 1 - warmup)")
     peak, warmup, steps, floor = SCHEDULES[0]
     return (f"equals minivlm.lm.learning_rate on every step of {len(SCHEDULES)} runs, warm-up 0 and floor 0 included: "
             f"the course LM's starts at {learning_rate(0, peak=peak, warmup=warmup, steps=steps):.0e}, peaks at "
