@@ -215,8 +215,8 @@ def check_caption_labels(caption_labels: Callable) -> str:
         ours = next_token_loss(reference.logits, caption_labels(ids, mask, P))
     if not torch.allclose(ours, reference.loss, atol=1e-6):
         fail("next_token_loss with your labels differs from the Captioner's loss")
-    return (f"-100 on the prefix and the padding, every caption token and its EOT labelled, unshifted; "
-            f"next_token_loss(logits, labels) equals the Captioner's loss ({reference.loss.item():.3f})")  # fmt: skip
+    return ("-100 on the prefix and the padding, every caption token and its EOT labelled, unshifted; "
+            "next_token_loss(logits, labels) equals the Captioner's loss")  # fmt: skip
 
 
 # Exercise 5.3: the prefix at the scale of the token embeddings ---------------------------------------------
@@ -328,8 +328,8 @@ def check_prefix_scale(token_scale: Callable, rescale: Callable) -> str:
                      "x / |x| · target, with |x| over the last axis")  # fmt: skip
     lengths = reference.norm(dim=-1)
     return (f"token_scale equals minivlm.prefix.embedding_scale ({expected:.3f} on a spread-out table), and "
-            f"rescale equals the mappers' RMSNorm: all {lengths.numel()} vectors of a prefix get length `target`, "
-            f"directions unchanged")  # fmt: skip
+            f"rescale equals the mappers' RMSNorm: each of the B·P = {lengths.numel()} prefix vectors gets length "
+            f"`target`, its direction unchanged")  # fmt: skip
 
 
 CHECKS: dict[str, Callable[..., str]] = {
