@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -37,3 +38,30 @@ def test_lm_benchmark_quick_run_prints_every_number(tmp_path):
     assert results["preset"] == "tiny" and results["heldout_perplexity"] > 1
     ways = {(row["ways"], row["task_induction"]) for row in results["binding"]}
     assert ways == {(2, True), (2, False), (5, True), (5, False)}
+
+
+def test_captioner_benchmark_quick_run_prints_the_controls(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/captioner.py", "--quick", "--table", "controls", "--json", str(tmp_path / "bench.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())["controls"]
+    assert [r["label"] for r in results] == ["frozen pretrained LM (the course)", "frozen random LM (control)",
+                                            "fine-tuned LM (control)"]  # fmt: skip
+    for r in results:
+        assert r["label"] in out.stdout
+        assert r["images_per_second"] > 0 and r["peak_memory_mb"] > 0
+        assert set(r["metrics"]) == {"test", "heldout"}
+    frozen, random_lm, tuned = results
+    assert tuned["trained_parameters"] > frozen["trained_parameters"] == random_lm["trained_parameters"]
+    assert random_lm["final_loss"] > frozen["final_loss"]  # a random LM gives the prefix nothing to steer
+
+
+def test_captioner_ablation_covers_every_prefix_length_and_mapper():
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    changes = [c for _, c in bench.rows("ablation")]
+    assert {(c["prefix_length"], c["mapper"]) for c in changes} == {(p, m) for p in (1, 2, 4, 8)
+                                                                   for m in ("linear", "mlp", "transformer")}

@@ -1,0 +1,144 @@
+"""The captioner, measured: the control experiments, and the ablation over prefix length and mapper.
+
+Two tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+(pretrained once, or read from the cache) and scored on new test and held-out images:
+
+- `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
+  *random* LM (the paper's "from scratch" row: the prefix has nothing to steer) and the LM fine-tuned
+  as well (what freezing saves: time per image and memory). Prints training images per second, the
+  final loss, the peak memory of the process, and the caption metrics.
+- `--table ablation`: prefix length P in (1, 2, 4, 8) x mapper in (linear, mlp, transformer).
+
+Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
+its own. Images per second count training steps only (not the LM's loading or the evaluation).
+
+Run from the repository root:
+    .venv/bin/python bench/captioner.py --table controls              # 3 runs of the cpu preset (about 12 minutes)
+    .venv/bin/python bench/captioner.py --table ablation --steps 400  # 12 shorter runs
+    .venv/bin/python bench/captioner.py --quick                       # both tables on the tiny preset: seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+TABLES = ("controls", "ablation")
+CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
+    "frozen pretrained LM (the course)": {},
+    "frozen random LM (control)": {"lm_init": "random"},
+    "fine-tuned LM (control)": {"train_lm": True},
+}
+PREFIX_LENGTHS = (1, 2, 4, 8)
+MAPPERS = ("linear", "mlp", "transformer")
+SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
+
+
+def rows(table: str) -> list[tuple[str, dict]]:
+    """(label, changes) for every run of a table."""
+    if table == "controls":
+        return list(CONTROLS.items())
+    return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
+
+
+def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
+    """Train one captioner with `changes` and score it; what the row reports (runs in its own process)."""
+    from minivlm.lm import load_frozen_lm
+    from minivlm.report import evaluate_splits
+    from minivlm.train import TRAIN_PRESETS, train
+
+    config = TRAIN_PRESETS[preset]
+    if steps is not None:
+        config = replace(config, steps=steps, warmup=min(config.warmup, steps // 10))
+    trainer = {k: v for k, v in changes.items() if k == "lm_init"}
+    config = replace(config, captioner=replace(config.captioner, **{k: v for k, v in changes.items() if k != "lm_init"}),
+                     **trainer)  # fmt: skip
+    lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    captioner, history = train(config, lm=lm, tokenizer=tokenizer, progress=False)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results = evaluate_splits(captioner, tokenizer, image_size=config.captioner.image_size, n_images=images,
+                              normalize=config.normalize_images, max_new_tokens=config.max_length)  # fmt: skip
+    return {
+        "steps": config.steps,
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round(config.steps * config.batch_size / seconds, 1),
+        "trained_parameters": sum(p.numel() for p in captioner.trainable_parameters()),
+        "peak_memory_mb": round(peak / 2**20, 1),
+        "peak_memory_kind": "CUDA allocated" if cuda else "process resident (CPU)",
+        "first_loss": round(history["loss"][0], 3),
+        "final_loss": round(sum(history["loss"][-20:]) / len(history["loss"][-20:]), 3),  # mean of the last 20 steps
+        "metrics": results,
+    }
+
+
+def run_in_subprocess(preset: str, steps: int | None, images: int, changes: dict, threads: int | None) -> dict:
+    """run_one in a fresh Python process (so peak memory is the row's own); its JSON result."""
+    spec = json.dumps({"preset": preset, "steps": steps, "images": images, "changes": changes, "threads": threads})
+    out = subprocess.run([sys.executable, __file__, "--row", spec], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the run {changes} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(table: str, results: list[dict]) -> None:
+    """One line per run: speed, memory, loss, and the test / held-out metrics."""
+    width = max(len(r["label"]) for r in results)
+    metrics = "  ".join(f"{m:^13}" for m in SHOWN)
+    print(f"\n{table}: test / held-out (%; CIDEr x100)")
+    print(f"{'run':<{width}}  {'img/s':>6}  {'peak MB':>8}  {'loss':>6}  {metrics}")
+    for r in results:
+        cells = "  ".join(f"{r['metrics']['test'][m] * 100:>6.1f}/{r['metrics']['heldout'][m] * 100:<6.1f}" for m in SHOWN)
+        print(f"{r['label']:<{width}}  {r['images_per_second']:>6.0f}  {r['peak_memory_mb']:>8.0f}  "
+              f"{r['final_loss']:>6.3f}  {cells}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", choices=TABLES, action="append", help="which table (default: both)")
+    parser.add_argument("--preset", default="cpu", help="TRAIN_PRESETS entry (default: cpu)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
+    parser.add_argument("--images", type=int, default=500, help="evaluation images per split (default: 500)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--quick", action="store_true", help="the tiny preset, few images: a smoke run")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one run, in a subprocess
+    args = parser.parse_args()
+    if args.row:
+        spec = json.loads(args.row)
+        if spec["threads"]:
+            torch.set_num_threads(spec["threads"])
+        print(json.dumps(run_one(spec["preset"], spec["steps"], spec["images"], spec["changes"])))
+        return
+    preset, images = ("tiny", 20) if args.quick else (args.preset, args.images)
+    tables = args.table or list(TABLES)
+    print(f"captioner preset {preset!r}; torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
+          f"{'cuda' if torch.cuda.is_available() else platform.processor() or platform.machine()}")  # fmt: skip
+    everything = {"preset": preset, "steps": args.steps, "images": images}
+    for table in tables:
+        results = []
+        for label, changes in rows(table):
+            print(f"  {label} ...", flush=True)
+            results.append({"label": label, "changes": changes,
+                            **run_in_subprocess(preset, args.steps, images, changes, args.threads)})  # fmt: skip
+        print_table(table, results)
+        everything[table] = results
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(everything, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
