@@ -262,6 +262,7 @@ def _pretrain(config: CourseLMConfig, progress: bool) -> tuple[GPT2, PreTrainedT
         final_loss=losses[-1],
         losses=losses,
     )
+    optimizer.zero_grad(set_to_none=True)  # no gradients left on the weights: the model as the cache gives it back
     return model.eval(), tokenizer, stats
 
 

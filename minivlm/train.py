@@ -441,4 +441,5 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
             _save_checkpoint(out_dir, done, config, lm_record, captioner, optimizer, history)
         if callback is not None:
             callback(done, captioner, history)
+    optimizer.zero_grad(set_to_none=True)  # the last step's gradients are spent: none left on the weights
     return captioner.eval(), history

@@ -118,6 +118,14 @@ def test_cache_trains_once_then_loads(monkeypatch, capsys):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+def test_a_freshly_trained_lm_is_returned_as_the_cache_gives_it_back():
+    trained, _, _ = course_lm("tiny", progress=False)  # trains (the cache is empty)
+    loaded, _, _ = course_lm("tiny", progress=False)  # loads
+    for model in (trained, loaded):
+        assert not model.training
+        assert all(p.grad is None for p in model.parameters())  # no gradient left over from the last step
+
+
 def test_retrain_trains_again(monkeypatch):
     course_lm("tiny", progress=False)
     calls = []

@@ -200,6 +200,8 @@ def test_bad_arguments_are_refused(lm, tokenizer):
 
 def test_course_captioner_trains_once_into_the_cache_then_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINIVLM_CACHE", str(tmp_path / "cache"))
+    trained, _ = train("tiny", progress=False)
+    assert all(p.grad is None for p in trained.parameters())  # no gradient left over from the last step
     captioner, tokenizer, info = T.course_captioner("tiny", progress=False)
     assert "cached in" in capsys.readouterr().out
     assert len(info["history"]["loss"]) == T.TRAIN_PRESETS["tiny"].steps
