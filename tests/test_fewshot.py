@@ -1,0 +1,178 @@
+"""Interleaved few-shot prompts: each image becomes its prefix and each text its token embeddings, left padding
+changes nothing, cached scoring equals running every (prompt, candidate) whole, with our GPT-2 and transformers'."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+from transformers import GPT2LMHeadModel
+
+from minivlm import fewshot
+from minivlm.captioner import CAPTIONER_PRESETS, Captioner
+from minivlm.corpus import CorpusConfig, documents
+from minivlm.data.episodes import binding_episode, to_prompts, vqa_episode
+from minivlm.gpt2 import GPT2, GPT2Config
+from minivlm.tokenizer import train_tokenizer
+
+BACKENDS = ["minivlm", "transformers"]
+V, CONTEXT = 300, 128
+P = CAPTIONER_PRESETS["tiny"].prefix_length
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(documents(CorpusConfig(), 300), vocab_size=V)
+
+
+@pytest.fixture(scope="module")
+def captioners():
+    """The same random captioner (tiny CNN, P = 2) around our GPT-2 and around transformers', equal weights.
+
+    The LM's weight matrices are spread (std 0.3) so its predictions vary with what it reads.
+    """
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=4).to_hf()).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)
+    out = {}
+    for backend, lm in (("minivlm", GPT2.from_hf(hf)), ("transformers", copy.deepcopy(hf))):
+        torch.manual_seed(1)
+        out[backend] = Captioner.from_config(lm, "tiny").eval()
+    return out
+
+
+def prompts(n: int = 4, seed: int = 0) -> tuple[list, list]:
+    """n 2-way, 1-shot binding episodes (different lengths) as image prompts, and the episodes."""
+    rng = np.random.default_rng(seed)
+    episodes = [binding_episode(rng, 2, 1 + i % 2, task_induction=i % 3 != 2) for i in range(n)]
+    return to_prompts(episodes, "images"), episodes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embed_prompts_puts_each_prefix_and_each_text_in_place(captioners, tokenizer, backend):
+    cap = captioners[backend]
+    image = torch.rand(3, 32, 32)
+    embeds, mask = fewshot.embed_prompts(cap, tokenizer, [["answer with dax.", image, " this is a"], ["hi", image]])
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("answer with dax.", " this is a", "hi")]
+    table = cap.lm.get_input_embeddings()
+    length = len(ids[0]) + P + len(ids[1])
+    assert embeds.shape == (2, length, 32) and mask.shape == (2, length)
+    assert_close(embeds[0, : len(ids[0])], table(torch.tensor(ids[0])))
+    assert_close(embeds[0, len(ids[0]) : len(ids[0]) + P], cap.prefix(image[None])[0])
+    assert_close(embeds[0, -len(ids[1]) :], table(torch.tensor(ids[1])))
+    short = len(ids[2]) + P  # the second prompt is left-padded: zeros and mask 0, then its vectors
+    assert mask[1].tolist() == [0] * (length - short) + [1] * short
+    assert (embeds[1, : length - short] == 0).all()
+    assert_close(embeds[1, -P:], cap.prefix(image[None])[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complete_of_a_batch_equals_each_prompt_alone(captioners, tokenizer, backend):
+    cap = captioners[backend]
+    batch, _ = prompts(4)
+    together = fewshot.complete(cap, tokenizer, batch, max_new_tokens=5)
+    alone = [fewshot.complete(cap, tokenizer, [p], max_new_tokens=5)[0] for p in batch]
+    assert together == alone
+    assert len(set(together)) > 1  # the prompts lead somewhere different: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complete_of_one_image_is_the_captioners_caption(captioners, tokenizer, backend):
+    cap = captioners[backend]
+    images = torch.rand(3, 3, 32, 32)
+    assert fewshot.complete(cap, tokenizer, [[im] for im in images], max_new_tokens=6) == cap.generate(
+        images, tokenizer, max_new_tokens=6
+    )
+
+
+def reference_scores(cap: Captioner, tokenizer, batch: list, candidates: list[list[str]]) -> torch.Tensor:
+    """Each (prompt, candidate) run whole, one at a time, with no cache and no padding: the definition."""
+    out = torch.zeros(len(batch), len(candidates[0]))
+    for i, prompt in enumerate(batch):
+        embeds, _ = fewshot.embed_prompts(cap, tokenizer, [prompt])  # (1, L, D), no padding
+        for j, text in enumerate(candidates[i]):
+            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+            whole = torch.cat([embeds[0], cap.lm.get_input_embeddings()(ids)])[None]  # (1, L + C, D)
+            logp = cap.lm(inputs_embeds=whole).logits[0, -len(ids) - 1 : -1].log_softmax(-1)  # (C, V)
+            out[i, j] = logp.gather(-1, ids[:, None]).sum()
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_scoring_equals_running_each_candidate_whole(captioners, tokenizer, backend):
+    cap = captioners[backend]
+    batch, episodes = prompts(4)
+    candidates = [[f" {c}." for c in e.candidates] + [" a small red circle."] for e in episodes]  # ragged lengths
+    with torch.no_grad():
+        assert_close(fewshot.score(cap, tokenizer, batch, candidates, batch_size=3),
+                     reference_scores(cap, tokenizer, batch, candidates), atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_the_two_backends_agree(captioners, tokenizer):
+    batch, episodes = prompts(3)
+    candidates = [[f" {c}." for c in e.candidates] for e in episodes]
+    ours, theirs = (fewshot.score(captioners[b], tokenizer, batch, candidates) for b in BACKENDS)
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert fewshot.complete(captioners["minivlm"], tokenizer, batch) == fewshot.complete(
+        captioners["transformers"], tokenizer, batch
+    )
+
+
+def test_scoring_leaves_the_captioner_in_its_mode(captioners, tokenizer):
+    cap = captioners["minivlm"].train()
+    try:
+        batch, episodes = prompts(2)
+        fewshot.score(cap, tokenizer, batch, [list(e.candidates) for e in episodes])
+        fewshot.complete(cap, tokenizer, batch)
+        assert cap.training and not cap.lm.training
+    finally:
+        cap.eval()
+
+
+def test_bad_prompts_get_clear_errors(captioners, tokenizer):
+    cap = captioners["minivlm"]
+    with pytest.raises(ValueError, match="must be \\(3, S, S\\)"):
+        fewshot.embed_prompts(cap, tokenizer, [["hi", torch.rand(1, 32, 32)]])
+    with pytest.raises(ValueError, match="expected images of shape"):
+        fewshot.embed_prompts(cap, tokenizer, [["hi", torch.rand(3, 16, 16)]])
+    with pytest.raises(ValueError, match="sequence of segments"):
+        fewshot.embed_prompts(cap, tokenizer, ["just a string"])
+    with pytest.raises(ValueError, match="is empty"):
+        fewshot.embed_prompts(cap, tokenizer, [[]])
+    with pytest.raises(ValueError, match="more than the language model's context of 128"):
+        fewshot.embed_prompts(cap, tokenizer, [[torch.rand(3, 32, 32)] * 65])
+    batch, _ = prompts(2)
+    with pytest.raises(ValueError, match="same number"):
+        fewshot.score(cap, tokenizer, batch, [[" dax."], [" dax.", " wug."]])
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        fewshot.score(cap, tokenizer, batch, [[" dax."]])
+    with pytest.raises(ValueError, match="empty"):
+        fewshot.score(cap, tokenizer, batch, [[""], [" dax."]])
+
+
+def test_says_wants_the_answer_then_an_end():
+    assert fewshot.says(" dax.", "dax") and fewshot.says(" dax", "dax")
+    assert fewshot.says(" dax. a small red circle.", "dax")  # what comes after the full stop is the next sentence
+    for wrong in (" daxes.", " dax blicket.", "dax.", " wug.", " da", ""):
+        assert not fewshot.says(wrong, "dax"), wrong
+
+
+def test_the_three_modes_show_the_same_episode(tokenizer):
+    rng = np.random.default_rng(0)
+    episode = binding_episode(rng, 2, 1, attribute="colour")
+    images, blind, text = (to_prompts([episode], mode)[0] for mode in ("images", "blind", "text"))
+    assert sum(isinstance(s, torch.Tensor) for s in images) == 3
+    assert len(blind) == 1 and len(text) == 1  # one text each
+    names = " or ".join(episode.candidates)
+    assert blind[0].startswith(f"answer with {names}. this is a ") and blind[0].endswith(" this is a")
+    assert text[0].startswith(f"answer with {names}. a ") and text[0].count(". this is a") == 3
+    vqa = to_prompts([vqa_episode(rng, 1)], "text")[0][0]
+    assert vqa.startswith("a ") and " q: what colour is the " in vqa and vqa.endswith(" a:")
+    assert F.mse_loss(images[1], images[3]) > 0  # two different pictures
