@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 
 DEMO_OUT = "reports/demo"
-DEMO_IMAGES = {"tiny": 32, "cpu": 1000}  # images per evaluation split: seconds for tests, steady numbers for the course
+# images per evaluation split: seconds for tests, steady numbers for the course
+DEMO_IMAGES = {"tiny": 32, "cpu": 1000, "gpu": 1000, "gpu-224": 1000}
 
 
 def positive_int(text: str) -> int:
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe = argparse.ArgumentParser(add_help=False)  # the options of train and demo
     recipe.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS),
-                        help="training preset: 'cpu' the course's run, 'tiny' a smoke run of seconds (default: cpu)")
+                        help="training preset: 'cpu' the course's run, 'tiny' a smoke run of seconds, 'gpu' and "
+                        "'gpu-224' GPT-2 124M from the hub on GPUs, 64 or 224-pixel images (default: cpu)")  # fmt: skip
     recipe.add_argument("--steps", type=positive_int, help="optimiser steps (default: the preset's); a warm-up "
                         "longer than a tenth of them is cut to that")  # fmt: skip
 
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", parents=[recipe], help="train a captioner's vision side against the frozen LM, with checkpoints",
         description="Train the captioner's vision side (CNN and prefix mapper) against a frozen LM on the shapes "
         "world, saving a checkpoint folder that `evaluate` and `caption` read. Ctrl-C keeps the last checkpoint; "
-        "the same command with --resume continues it exactly.",
+        "the same command with --resume continues it exactly. On several GPUs, `torchrun --nproc_per_node W -m "
+        "minivlm train ...` trains with W processes, each on its share of every batch (the preset's batch size "
+        "is the batch of all of them together); rank 0 prints and writes the checkpoint.",
     )  # fmt: skip
     train.add_argument("--mapper", choices=sorted(MAPPERS), help="prefix mapper (default: the preset's)")
     train.add_argument("--prefix-length", type=positive_int, metavar="P", help="visual prefix tokens P "
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/captioner", metavar="DIR",
                        help="checkpoint folder (default: runs/captioner)")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the captioner: about "
+                       "a minute of compiling, then faster steps on a GPU (default: the preset's)")  # fmt: skip
 
     decoding = argparse.ArgumentParser(add_help=False)  # the options of evaluate and caption
     decoding.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder written by train")
@@ -174,12 +180,12 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
 
 
 def train_config(preset: str, steps: int | None = None, *, lm: str | None = None, lm_init: str | None = None,
-                 **captioner_changes):  # fmt: skip
+                 compile: bool | None = None, **captioner_changes):  # fmt: skip
     """A TRAIN_PRESETS config with the options given on the command line (None: the preset's) changed."""
     from minivlm.train import TRAIN_PRESETS
 
     config = TRAIN_PRESETS[preset]
-    changes = {k: v for k, v in (("lm", lm), ("lm_init", lm_init)) if v is not None}
+    changes = {k: v for k, v in (("lm", lm), ("lm_init", lm_init), ("compile", compile)) if v is not None}
     if steps is not None:
         changes |= {"steps": steps, "warmup": min(config.warmup, steps // 10)}
     captioner = replace(config.captioner, **{k: v for k, v in captioner_changes.items() if v is not None})
@@ -187,25 +193,31 @@ def train_config(preset: str, steps: int | None = None, *, lm: str | None = None
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train a captioner into a checkpoint folder; plot its loss there."""
+    """Train a captioner into a checkpoint folder; plot its loss there. Under torchrun, as one of W ranks."""
+    from minivlm import distributed
     from minivlm.report import save_loss_curve
     from minivlm.train import train
 
-    config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, mapper=args.mapper,
-                          prefix_length=args.prefix_length, train_lm=args.train_lm or None)  # fmt: skip
+    config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, compile=args.compile,
+                          mapper=args.mapper, prefix_length=args.prefix_length,
+                          train_lm=args.train_lm or None)  # fmt: skip
     out = Path(args.out)
-    try:
-        _, history = train(config, out_dir=out, resume=args.resume)
-    except FileExistsError:
-        raise FileExistsError(f"{out} already holds a checkpoint: add --resume to continue it, or choose another "
-                              f"--out") from None  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"minivlm: interrupted; the last checkpoint in {out} is kept: run the same command with --resume "
-              f"to continue it", file=sys.stderr)  # fmt: skip
-        return 130
-    curve = save_loss_curve(history, out / "loss.png")
-    print(f"trained {len(history['loss'])} steps to loss {history['loss'][-1]:.3f}; checkpoint in {out}, "
-          f"loss curve {curve}")  # fmt: skip
+    with distributed.process_group():  # under torchrun: train() finds the group up; rank 0 reports below
+        try:
+            _, history = train(config, out_dir=out, resume=args.resume)
+        except FileExistsError:
+            raise FileExistsError(f"{out} already holds a checkpoint: add --resume to continue it, or choose "
+                                  f"another --out") from None  # fmt: skip
+        except KeyboardInterrupt:
+            if distributed.is_main():
+                print(f"minivlm: interrupted; the last checkpoint in {out} is kept: run the same command with "
+                      f"--resume to continue it", file=sys.stderr)  # fmt: skip
+            return 130
+        if not distributed.is_main():
+            return 0
+        curve = save_loss_curve(history, out / "loss.png")
+        print(f"trained {len(history['loss'])} steps to loss {history['loss'][-1]:.3f}; checkpoint in {out}, "
+              f"loss curve {curve}")  # fmt: skip
     return 0
 
 

@@ -6,7 +6,14 @@ safe to interrupt. The optimiser holds only `captioner.trainable_parameters()`, 
 mapper's weights; the LM passes gradients through to the prefix but never takes a step itself. The
 recipe is nanoGPT's, as in `minivlm.lm.pretrain`: AdamW with decay on weight matrices only, linear
 warm-up then cosine decay (`minivlm.lm.learning_rate`), gradient clipping. On a GPU the forward pass
-runs under bfloat16 autocast; on the CPU it stays in float32.
+runs under bfloat16 autocast; on the CPU it stays in float32 (`TrainConfig.precision` can say otherwise).
+
+Batches come from a DataLoader whose batch sampler hands out each step's indices (`StepBatches`):
+with `workers`, other processes tokenise and pad the next batches while the GPU computes, into pinned
+(page-locked) memory, from which `.to(device, non_blocking=True)` copies without stalling the GPU.
+The "gpu" presets add the real GPT-2 124M, larger images and, optionally, `torch.compile`. Under
+`torchrun --nproc_per_node W -m minivlm train ...` W processes train together, each on its share of
+every batch (`minivlm.distributed` explains how they stay one run).
 
 Two control experiments run through the same loop; compare their loss curves with the main run's:
 - `lm_init="random"`: the LM's architecture with random weights, still frozen (the Frozen paper's
@@ -48,21 +55,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from minivlm import distributed
 from minivlm.captioner import CAPTIONER_PRESETS, Captioner, CaptionerConfig
-from minivlm.data.captions import CaptionCollator, ShapesCaptions
+from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.lm import freeze, learning_rate, load_frozen_lm
 
 __all__ = [
-    "LM_INITS", "TrainConfig", "TRAIN_PRESETS", "batch_indices", "learned_state", "train", "read_config",
-    "load_captioner", "course_captioner",
+    "LM_INITS", "PRECISIONS", "TrainConfig", "TRAIN_PRESETS", "batch_indices", "StepBatches", "batch_loader",
+    "learned_state", "train", "read_config", "load_captioner", "course_captioner",
 ]  # fmt: skip
 
 LM_INITS = ("pretrained", "random")  # the LM as loaded, or its architecture with random weights (a control)
-BOOKKEEPING = ("sample_every", "checkpoint_every", "threads")  # fields a resumed run may change
+PRECISIONS = ("auto", "bf16", "fp32")  # autocast: bfloat16 on a GPU and float32 on the CPU, or either everywhere
+# fields a resumed run may change: they decide how fast and how loudly it runs, not what it learns
+BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch")
+# fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
+ADDED_FIELDS = ("precision", "compile", "workers", "prefetch")
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
 CAPTIONER_CACHE_VERSION = 1  # bump when training code changes what a config trains: cached captioners retrain
@@ -94,13 +107,20 @@ class TrainConfig:
     sample_every: int = 250  # print sample captions every this many steps (0: never)
     checkpoint_every: int = 500  # with an out_dir, save a checkpoint every this many steps and at the end
     threads: int | None = None  # CPU threads while training (None: PyTorch's default)
+    # speed: how fast the same steps run
+    precision: str = "auto"  # one of PRECISIONS; bfloat16 rounds, so it is not bookkeeping
+    compile: bool = False  # torch.compile the captioner: about a minute of compiling, then faster steps on a GPU
+    workers: int = 0  # DataLoader processes that build the next batches while this one trains (0: none)
+    prefetch: int = 2  # batches each worker keeps ready
 
     def __post_init__(self):
         if self.lm_init not in LM_INITS:
             raise ValueError(f"lm_init must be one of {LM_INITS}, got {self.lm_init!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.captioner, CaptionerConfig):
             raise ValueError(f"captioner must be a CaptionerConfig, got {type(self.captioner).__name__}")
-        for name in ("train_images", "batch_size", "steps", "checkpoint_every"):
+        for name in ("train_images", "batch_size", "steps", "checkpoint_every", "prefetch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -111,11 +131,15 @@ class TrainConfig:
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "sample_every", "data_seed", "seed"):
+        for name in ("weight_decay", "sample_every", "data_seed", "seed", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a token and EOT), got {self.max_length}")
+
+    def bf16(self, device: torch.device) -> bool:
+        """Whether the forward pass runs under bfloat16 autocast here ("auto": on a GPU; on a CPU it is slow)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
 
     @property
     def normalize_images(self) -> bool:
@@ -132,13 +156,26 @@ class TrainConfig:
         return cls(**{**fields, "captioner": CaptionerConfig(**fields["captioner"])})
 
 
+# "gpu": the real GPT-2 124M from the hub, frozen, on one GPU (or several: batch_size is the global
+# batch), 64-pixel images; the mapper and P are the CPU ablation's best. A starting point, not yet
+# measured on a GPU. Offline there are no GPT-2 weights; a benchmark of the same compute passes the
+# architecture and a tokenizer itself: train(replace(TRAIN_PRESETS["gpu"], lm_init="random"),
+# lm=GPT2(GPT2Config.from_preset("gpt2")), tokenizer=...), which trains against random weights.
+_GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_size=64, mapper="linear",
+                                                prefix_length=8),
+                   train_images=50_000, batch_size=128, steps=4_000, warmup=200, sample_every=500,
+                   checkpoint_every=1_000, workers=4, prefetch=4)  # fmt: skip
+
 # "tiny": a smoke run of seconds with the tiny course LM (its 300-token BPE spells a caption in up to 58
-# tokens). "cpu": the course's run, about 0.3 s a step on one CPU core: 10 minutes.
+# tokens). "cpu": the course's run, about 0.3 s a step on one CPU core: 10 minutes. "gpu-224": "gpu" at
+# ImageNet's 224 pixels; its 20,000 images take 3 GB as uint8, rendered once by each process.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(lm="course:tiny", captioner=CAPTIONER_PRESETS["tiny"], train_images=512, max_length=64,
                         batch_size=16, steps=40, lr=3e-3, warmup=4, sample_every=20, checkpoint_every=20,
                         threads=1),  # fmt: skip
     "cpu": TrainConfig(),
+    "gpu": _GPU,
+    "gpu-224": replace(_GPU, captioner=replace(_GPU.captioner, image_size=224), train_images=20_000),
 }
 
 
@@ -151,6 +188,43 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
     epoch, k = divmod(step, n // batch_size)
     order = np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
     return order[k * batch_size : (k + 1) * batch_size]  # (B,)
+
+
+class StepBatches(Sampler[list[int]]):
+    """A DataLoader's batch sampler: step s's `batch_indices`, this rank's share of them, from step `start` on.
+
+    It hands out lists of indices; the loader (and its workers) turn each into a batch. With W ranks,
+    each takes its shard of the one global batch of B (`minivlm.distributed.shard`).
+    """
+
+    def __init__(self, config: TrainConfig, start: int = 0, rank: int = 0, world: int = 1):
+        if config.batch_size % world:
+            raise ValueError(f"batch_size={config.batch_size} is the global batch and must split evenly over "
+                             f"the {world} processes; choose a multiple of {world}")  # fmt: skip
+        self.seed, self.n, self.batch_size = config.seed, config.train_images, config.batch_size
+        self.steps = range(start, config.steps)
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        for step in self.steps:
+            indices = batch_indices(self.seed, step, self.n, self.batch_size)  # (B,)
+            yield distributed.shard(indices, self.rank, self.world).tolist()  # (B / W,)
+
+
+def batch_loader(config: TrainConfig, dataset: ShapesCaptions, tokenizer, start: int = 0, *, rank: int = 0,
+                 world: int = 1, pin_memory: bool = False) -> DataLoader:  # fmt: skip
+    """The batches of a run's steps from `start` on, built by `config.workers` processes ahead of the training loop.
+
+    With workers=0 the training process builds each batch when it is asked for. pin_memory: put the
+    batches in page-locked memory, from which a copy to the GPU can run while the GPU computes.
+    """
+    return DataLoader(dataset, batch_sampler=StepBatches(config, start, rank, world),
+                      collate_fn=CaptionCollator(tokenizer, config.max_length), num_workers=config.workers,
+                      prefetch_factor=config.prefetch if config.workers else None, pin_memory=pin_memory,
+                      generator=torch.Generator())  # its own generator: the global random state is left alone
 
 
 def learned_state(captioner: Captioner) -> dict[str, Tensor]:
@@ -307,23 +381,35 @@ def load_captioner(out_dir: str | Path, lm: nn.Module | None = None) -> Captione
     return captioner.eval()
 
 
+def _cache_name(preset: str) -> str:
+    """The cache entry of a preset's captioner: the preset and 12 hex digits of a hash of what decides its weights.
+
+    That is its TrainConfig (ADDED_FIELDS only where they differ from their defaults), the LM's
+    identity (for the course LM, its own cache key) and CAPTIONER_CACHE_VERSION.
+    """
+    from minivlm.lm import LM_PRESETS, cache_key
+
+    config = _resolve(preset)
+    name, _, lm_preset = config.lm.partition(":")
+    lm_identity = cache_key(LM_PRESETS[lm_preset or "cpu"]) if name == "course" else config.lm
+    fields = {k: v for k, v in config.to_dict().items() if k not in ADDED_FIELDS or v != getattr(TrainConfig, k)}
+    text = json.dumps({"version": CAPTIONER_CACHE_VERSION, "lm": lm_identity, "train": fields}, sort_keys=True)
+    return f"{preset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 def course_captioner(preset: str = "cpu", *, retrain: bool = False, progress: bool = True) -> tuple[Captioner, object, dict]:
     """The course's trained captioner of a TRAIN_PRESETS preset, its tokenizer and info: from the cache, or trained once.
 
     What the lessons after lesson 06 start from, so a learner may open any of them first. The cache
-    entry is named by the preset and a hash of its TrainConfig, the LM's identity (for the course LM,
-    its own cache key) and CAPTIONER_CACHE_VERSION; training writes to a temporary folder renamed into
-    place at the end, so an interrupted run leaves no half-made entry. info: the config, the training
-    history and the cache path.
+    entry is named by `_cache_name`; training writes to a temporary folder renamed into place at the
+    end, so an interrupted run leaves no half-made entry. info: the config, the training history and
+    the cache path.
     """
-    from minivlm.lm import LM_PRESETS, cache_dir, cache_key
+    from minivlm.lm import cache_dir
 
     config = _resolve(preset)
     lm, tokenizer = load_frozen_lm(config.lm)
-    name, _, lm_preset = config.lm.partition(":")
-    lm_identity = cache_key(LM_PRESETS[lm_preset or "cpu"]) if name == "course" else config.lm
-    text = json.dumps({"version": CAPTIONER_CACHE_VERSION, "lm": lm_identity, "train": config.to_dict()}, sort_keys=True)
-    directory = cache_dir() / "captioner" / f"{preset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    directory = cache_dir() / "captioner" / _cache_name(preset)
     if retrain or not (directory / WEIGHTS).is_file():
         temp = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
         shutil.rmtree(temp, ignore_errors=True)
@@ -345,8 +431,8 @@ def _resume(out_dir: Path, config: TrainConfig, captioner: Captioner,
     """Load a checkpoint into captioner and optimizer; return (its step, its history)."""
     _require(out_dir, (CONFIG, WEIGHTS, OPTIMIZER, HISTORY))
     saved = json.loads((out_dir / CONFIG).read_text())
-    ours = config.to_dict()
-    changed = [k for k in ours if k not in BOOKKEEPING and saved["train"].get(k) != ours[k]]
+    ours, theirs = config.to_dict(), TrainConfig.from_dict(saved["train"]).to_dict()  # fields it predates: defaults
+    changed = [k for k in ours if k not in BOOKKEEPING and theirs[k] != ours[k]]
     if changed:
         raise ValueError(f"the checkpoint in {out_dir} was trained with other {', '.join(changed)}; resume it with "
                          f"the same config (read_config(out_dir)) or train into another out_dir")  # fmt: skip
@@ -376,68 +462,78 @@ def train(config: TrainConfig | str = "cpu", *, lm: nn.Module | None = None, tok
     starts one), and without resume an existing checkpoint is an error rather than overwritten.
     callback(step, captioner, history) runs after each step and its checkpoint, `step` steps done.
     history: per-step "loss", "lr" and "grad_norm". The caller's random state is left as it was.
+    Started by torchrun, every rank calls train() and gets the same result; rank 0 alone prints and
+    writes (`minivlm.distributed`), and the callback runs on every rank.
     """
     config = _resolve(config)
     if (lm is None) != (tokenizer is None):
         raise ValueError("pass lm and tokenizer together, or neither to load config.lm")
     if resume and out_dir is None:
         raise ValueError("resume=True needs the out_dir of the run to resume")
-    passed = lm is not None
-    if lm is None:
-        lm, tokenizer = load_frozen_lm(config.lm)
-    lm_record = _lm_record(lm, PASSED if passed else config.lm)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return _train(config, _run_lm(config, lm, passed), tokenizer, lm_record,
-                          None if out_dir is None else Path(out_dir), resume, progress, callback)  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    with distributed.process_group():  # under torchrun: join the other ranks, and leave with them at the end
+        passed = lm is not None
+        if lm is None:
+            with distributed.main_first():  # rank 0 pretrains the course LM or downloads GPT-2 alone
+                lm, tokenizer = load_frozen_lm(config.lm)
+        lm_record = _lm_record(lm, PASSED if passed else config.lm)
+        threads = torch.get_num_threads()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return _train(config, _run_lm(config, lm, passed), tokenizer, lm_record,
+                              None if out_dir is None else Path(out_dir), resume, progress, callback)  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_dir: Path | None, resume: bool,
            progress: bool, callback) -> tuple[Captioner, dict]:  # fmt: skip
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    world = ShapesWorld("train", config.captioner.image_size, config.data_seed, config.train_images)
-    dataset = ShapesCaptions(world, normalize=config.normalize_images)  # rendered once, N images
-    collate = CaptionCollator(tokenizer, config.max_length)
+    device = distributed.device()  # this rank's GPU, a GPU, or the CPU
+    main = distributed.is_main()  # rank 0 (or the only process): the one that prints and writes
     captioner = _build_captioner(config, lm).to(device).train()
     params = captioner.trainable_parameters()
     optimizer = _adamw(params, config)
     start, history = 0, {"loss": [], "lr": [], "grad_norm": []}
-    if out_dir is not None and (out_dir / WEIGHTS).exists():
+    if out_dir is not None and (out_dir / WEIGHTS).exists():  # every rank reads; none has written yet
         if not resume:
             raise FileExistsError(f"{out_dir} already holds a checkpoint; pass resume=True to continue it, "
                                   f"or choose another out_dir")  # fmt: skip
         start, history = _resume(out_dir, config, captioner, optimizer)
+    world = ShapesWorld("train", config.captioner.image_size, config.data_seed, config.train_images)
+    dataset = ShapesCaptions(world, normalize=config.normalize_images)  # rendered once, N images
+    loader = batch_loader(config, dataset, tokenizer, start, rank=distributed.rank(),
+                          world=distributed.world_size(), pin_memory=device.type == "cuda")  # fmt: skip
+    model = distributed.wrap(captioner)  # with W ranks, DDP: it averages the trainable weights' gradients
+    if config.compile:
+        model = torch.compile(model)  # the same weights as captioner, which checkpoints and samples use
     samples = torch.stack([dataset[i][0] for i in range(SAMPLES)]).to(device)  # (SAMPLES, 3, S, S)
-    bf16 = device.type == "cuda"  # bfloat16 autocast on a GPU; float32 on the CPU, where bf16 is slow
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training the captioner",
-               disable=not progress)  # fmt: skip
-    for step in bar:
+    bar = tqdm(loader, initial=start, total=config.steps, desc="training the captioner",
+               disable=not (progress and main))  # fmt: skip
+    for step, batch in enumerate(bar, start):
         lr = learning_rate(step, peak=config.lr, warmup=config.warmup, steps=config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = collate([dataset[i] for i in batch_indices(config.seed, step, len(dataset), config.batch_size)])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = captioner(batch["images"].to(device), batch["input_ids"].to(device),
-                             batch["attention_mask"].to(device), batch["labels"].to(device)).loss  # fmt: skip
+        images, ids, mask, labels = (batch[k].to(device, non_blocking=True)
+                                     for k in ("images", "input_ids", "attention_mask", "labels"))  # fmt: skip
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16(device)):
+            loss = model(images, ids, mask, labels).loss  # the mean over this rank's labelled tokens
+        # With W ranks: what to backpropagate so that DDP's average is the global batch's gradient, and that mean.
+        loss, mean = distributed.token_mean(loss, (labels != IGNORE_INDEX).sum())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # with DDP, the gradients are all-reduced as they are computed
         norm = nn.utils.clip_grad_norm_(params, config.grad_clip)  # the norm before clipping
         optimizer.step()
-        history["loss"].append(loss.item())
+        history["loss"].append(mean.item())
         history["lr"].append(lr)
         history["grad_norm"].append(norm.item())
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", refresh=False)
         done = step + 1
-        if config.sample_every and done % config.sample_every == 0:
+        if main and config.sample_every and done % config.sample_every == 0:
             texts = captioner.generate(samples, tokenizer, max_new_tokens=config.max_length)  # greedy
             for text, truth in zip(texts, dataset.captions):
                 tqdm.write(f"step {done}: {text!r}\n{'truth':>{len(str(done)) + 5}}: {truth!r}")
-        if out_dir is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+        if main and out_dir is not None and (done % config.checkpoint_every == 0 or done == config.steps):
             _save_checkpoint(out_dir, done, config, lm_record, captioner, optimizer, history)
         if callback is not None:
             callback(done, captioner, history)
