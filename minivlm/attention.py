@@ -151,30 +151,62 @@ class KVCache:
     """The keys and values every layer has already computed, so that each new token costs O(S), not O(S²).
 
     Without a cache, generating token n re-runs the whole model over all n tokens; with it, only the
-    new token goes through the model and attends to the stored keys and values. Holds, per layer,
-    keys and values of shape (B, H, S, K). Its method names follow Hugging Face's `DynamicCache`, so
-    the same decoding code drives our GPT-2 and `transformers`' one.
+    new token goes through the model and attends to the stored keys and values. Its method names follow
+    Hugging Face's `DynamicCache`, so the same decoding code drives our GPT-2 and `transformers`' one.
+
+    How it stores them: per layer, one preallocated buffer for the keys and one for the values, each
+    (B, H, capacity, K), of which the first S positions are filled; `update` writes the new positions in
+    place after them. Appending with `torch.cat([past, new])` instead would copy all S stored positions
+    at every step: O(N²) copying over a generation of N tokens, which grows into a real share of the time
+    on long generations. Like a Python list, a full buffer is replaced by one twice as long, so appending
+    N tokens one at a time copies O(N) in total. `keys` and `values` give the filled part, (B, H, S, K).
     """
 
     def __init__(self) -> None:
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
+        self._keys: list[Tensor] = []  # per layer (B, H, capacity, K); positions >= S are unused
+        self._values: list[Tensor] = []
+        self._lengths: list[int] = []  # per layer S, the positions filled so far
+
+    @property
+    def keys(self) -> list[Tensor]:
+        """Per layer, the stored keys (B, H, S, K): views of the filled part of each buffer."""
+        return [k.narrow(2, 0, s) for k, s in zip(self._keys, self._lengths)]
+
+    @property
+    def values(self) -> list[Tensor]:
+        """Per layer, the stored values (B, H, S, K)."""
+        return [v.narrow(2, 0, s) for v, s in zip(self._values, self._lengths)]
 
     def get_seq_length(self, layer: int = 0) -> int:
         """S, the number of positions stored so far."""
-        return self.keys[layer].shape[-2] if layer < len(self.keys) else 0
+        return self._lengths[layer] if layer < len(self._lengths) else 0
 
     def update(self, k: Tensor, v: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         """Append this step's (B, H, T, K) keys and values for `layer`; return all of them (B, H, S, K)."""
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        elif layer < len(self.keys):
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=-2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=-2)
-        else:
-            raise ValueError(f"layers must fill the cache in order: got layer {layer}, cache has {len(self.keys)}")
-        return self.keys[layer], self.values[layer]
+        if layer == len(self._keys):  # the layer's first tokens: a buffer of twice their length
+            self._keys.append(self._grow(k, capacity=2 * k.shape[-2]))
+            self._values.append(self._grow(v, capacity=2 * v.shape[-2]))
+            self._lengths.append(0)
+        elif layer > len(self._keys):
+            raise ValueError(f"layers must fill the cache in order: got layer {layer}, cache has {len(self._keys)}")
+        past, t = self._lengths[layer], k.shape[-2]
+        s = past + t
+        if s > self._keys[layer].shape[-2]:  # full: move to a buffer twice as long (or long enough)
+            capacity = max(2 * self._keys[layer].shape[-2], s)
+            self._keys[layer] = self._grow(self._keys[layer].narrow(2, 0, past), capacity)
+            self._values[layer] = self._grow(self._values[layer].narrow(2, 0, past), capacity)
+        self._keys[layer].narrow(2, past, t).copy_(k)  # write in place: the stored positions are not copied
+        self._values[layer].narrow(2, past, t).copy_(v)
+        self._lengths[layer] = s
+        return self._keys[layer].narrow(2, 0, s), self._values[layer].narrow(2, 0, s)  # (B, H, S, K) views
+
+    @staticmethod
+    def _grow(filled: Tensor, capacity: int) -> Tensor:
+        """A (B, H, capacity, K) buffer that starts with `filled`'s positions (the rest is unwritten)."""
+        b, h, s, k = filled.shape
+        buffer = filled.new_empty(b, h, capacity, k)
+        buffer.narrow(2, 0, s).copy_(filled)
+        return buffer
 
     def reorder(self, index: Tensor) -> None:
         """Make row i of every layer a copy of row index[i]: beam search keeps each surviving beam's parent.
@@ -183,8 +215,8 @@ class KVCache:
         surviving children) or not at all (a beam that was dropped). transformers' `Cache.reorder_cache`
         does the same.
         """
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        self._keys = [k.index_select(0, index) for k in self._keys]
+        self._values = [v.index_select(0, index) for v in self._values]
 
 
 class MultiHeadSelfAttention(nn.Module):

@@ -138,6 +138,9 @@ class _Sequences:
         self.model, self.use_cache = model, use_cache
         self.prompt_ids, self.prompt_embeds = input_ids, inputs_embeds  # one of (B, T), (B, T, D)
         self.mask = mask  # (B, T + n): 1 = real token, 0 = padding
+        # Looked at once, here: without padding the model needs neither mask nor positions (it counts
+        # them itself) and takes its fast unmasked path, and no step waits to read the mask from a GPU.
+        self.padded = not bool(mask.all())
         self.new = mask.new_zeros(mask.shape[0], 0)  # (B, n) the tokens chosen so far
         self.cache = None
 
@@ -156,8 +159,8 @@ class _Sequences:
         t = next(iter(inputs.values())).shape[1]
         out = self.model(
             **inputs,
-            attention_mask=self.mask,
-            position_ids=positions_from_mask(self.mask)[:, -t:],
+            attention_mask=self.mask if self.padded else None,
+            position_ids=positions_from_mask(self.mask)[:, -t:] if self.padded else None,
             past_key_values=self.cache,
             use_cache=self.use_cache,
             logits_to_keep=1,  # only the last position's scores are needed

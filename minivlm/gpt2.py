@@ -198,7 +198,8 @@ class GPT2(nn.Module):
         """Next-token logits for every position.
 
         input_ids (B, T) or inputs_embeds (B, T, D): exactly one of them.
-        attention_mask (B, S): 1 for real tokens, 0 for padding, over past + new tokens (as in transformers).
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over past + new tokens (as in transformers);
+          None (faster: see below) when nothing is padded.
         position_ids (B, T): defaults to past_length, past_length + 1, ...; with left padding pass
           `attention_mask.cumsum(-1) - 1` instead, as generation does.
         past_key_values / use_cache: continue from a KVCache and return it updated.
@@ -228,8 +229,11 @@ class GPT2(nn.Module):
             position_ids = torch.arange(past, s, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
         x = self.transformer.drop(inputs_embeds + self.transformer.wpe(position_ids))
 
-        # With padding: one additive mask for all layers, causal (each token sees itself and the past)
-        # + padding (nobody sees a padding token).
+        # With an attention_mask: one additive mask for all layers, causal (each token sees itself and the
+        # past) + padding (nobody sees a padding token). Without one, each attention applies the causal
+        # mask itself, and PyTorch's fused kernel can take its fastest, is_causal path: pass None when
+        # nothing is padded. The mask's values are deliberately not inspected (`if attention_mask.all()`):
+        # on a GPU, reading one boolean back makes the CPU wait for every queued kernel, at every call.
         bias = None
         if attention_mask is not None:
             if attention_mask.shape != (b, s):
@@ -237,9 +241,8 @@ class GPT2(nn.Module):
                     f"expected an attention_mask of shape (B, S) = ({b}, {s}) covering cached and new "
                     f"tokens, got {tuple(attention_mask.shape)}"
                 )
-            if not attention_mask.bool().all():
-                mask = padding_mask(attention_mask)  # (B, 1, 1, S)
-                bias = attention_bias(mask, causal=True, shape=(b, 1, t, s), dtype=x.dtype, device=x.device)
+            mask = padding_mask(attention_mask)  # (B, 1, 1, S)
+            bias = attention_bias(mask, causal=True, shape=(b, 1, t, s), dtype=x.dtype, device=x.device)
 
         attentions = []
         for i, block in enumerate(self.transformer.h):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,74 @@ def test_captioner_ablation_covers_every_prefix_length_and_mapper():
     changes = [c for _, c in bench.rows("ablation")]
     assert {(c["prefix_length"], c["mapper"]) for c in changes} == {(p, m) for p in (1, 2, 4, 8)
                                                                    for m in ("linear", "mlp", "transformer")}
+
+
+def load_bench(script: str, monkeypatch):
+    """Import bench/<script> as a module (bench/ on sys.path, as when it runs as a script)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{script.removesuffix('.py')}", ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_perf_benchmark_quick_run_prints_every_ratio(tmp_path):
+    stdout, results = quick_run("perf.py", tmp_path)
+    for heading in ("1. GPT-2 forward", "2. Greedy generation", "3. Beam search", "4. Captioner training"):
+        assert heading in stdout
+    assert results["forward"]["hf_over_ours"] > 0 and results["forward"]["max_abs_logit_diff"] < 1e-4
+    for row in results["generation"]:  # our decoding, with and without the cache, and transformers': same tokens
+        assert row["identical_tokens"] and row["ours_over_hf"] > 0 and row["cached_over_uncached"] > 0
+    assert results["beam"]["identical_beams"] and results["beam"]["cached_over_uncached"] > 0
+    assert [t["setup"] for t in results["training"]] == ["tiny", "gpu-tiny"]  # the shapes world, and random data
+    for t in results["training"]:
+        frozen, tuned = t["frozen"], t["fine_tuned"]
+        assert tuned["trained_parameters"] > frozen["trained_parameters"]
+        assert tuned["flops_per_image"] > frozen["flops_per_image"] > 0  # the LM's weight gradients cost FLOPs
+        assert tuned["step_memory_mb"] > frozen["step_memory_mb"] > 0  # the LM's gradients and AdamW state
+        for r in (frozen, tuned):
+            assert r["images_per_s"] > 0 and r["mfu"] is None  # no datasheet peak for a CPU
+            assert math.isclose(r["achieved_tflops"] * 1e12, r["flops_per_image"] * r["images_per_s"], rel_tol=1e-9)
+
+
+def test_perf_flop_count_is_the_textbook_formula(monkeypatch):
+    """The MFU's numerator: a frozen LM's forward costs 2 x matmul params x tokens + attention; fine-tuning
+    adds exactly the weight gradients, 2 x params x tokens more."""
+    import torch
+
+    from minivlm.captioner import CAPTIONER_PRESETS, Captioner
+    from minivlm.gpt2 import GPT2, GPT2Config
+
+    perf = load_bench("perf.py", monkeypatch)
+    b, t, p = 3, 5, CAPTIONER_PRESETS["tiny"].prefix_length
+    ids = torch.randint(0, 128, (b, t))
+    batch = dict(images=torch.rand(b, 3, 32, 32), input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    counts = {}
+    for train_lm in (False, True):
+        torch.manual_seed(0)
+        lm = GPT2(GPT2Config.from_preset("tiny"))
+        captioner = Captioner.from_config(lm, replace(CAPTIONER_PRESETS["tiny"], train_lm=train_lm))
+        counts[train_lm] = perf.count_flops(captioner.train(), batch, bf16=False)
+    d, layers, vocab, n = 32, 2, 128, p + t  # the tiny preset: D, blocks, V; N positions per row
+    matmul_params = layers * 12 * d * d + vocab * d  # per block c_attn 3D², c_proj D², MLP 8D²; the output layer
+    attention = layers * 4 * n * n * d  # Q Kᵀ and weights · V, every query against every key
+    (frozen, parts), (tuned, _) = counts[False], counts[True]
+    assert parts["lm"] == b * (2 * n * matmul_params + attention)
+    assert tuned - frozen == b * 2 * n * matmul_params
+    assert parts["encoder"] > 0 and frozen > sum(parts.values())
+
+
+def test_perf_step_memory_is_the_peak_of_live_tensors(monkeypatch):
+    import torch
+
+    perf = load_bench("perf.py", monkeypatch)
+    kept = []
+
+    def step():
+        scratch = torch.empty(1_000_000)  # 4 MB, freed before the step ends
+        kept.append(torch.empty(250_000))  # 1 MB, kept (as AdamW keeps its state)
+        del scratch
+
+    assert perf.step_memory(step, torch.device("cpu")) == 5_000_000  # both alive at once
+    assert perf.step_memory(lambda: None, torch.device("cpu")) == 0

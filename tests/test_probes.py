@@ -40,6 +40,9 @@ class Oracle(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=False,
                 logits_to_keep=0):  # fmt: skip
+        if attention_mask is None:  # nothing padded (decoding then passes no mask): every position is real
+            past = 0 if past_key_values is None else past_key_values.shape[1]
+            attention_mask = torch.ones(len(input_ids), past + input_ids.shape[1], dtype=torch.long)
         if past_key_values is None:
             self.prompt_tokens = attention_mask.sum(-1)
             ids = input_ids
