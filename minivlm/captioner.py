@@ -160,11 +160,14 @@ class Captioner(nn.Module):
                 labels: Tensor | None = None) -> CaptionerOutput:  # fmt: skip
         """Logits (B, P + T, V) for prefix + caption; with labels (B, T), unshifted, -100 on padding, the loss too.
 
-        Captions are right-padded (as `CaptionCollator` makes them), so positions are simply 0 .. P+T-1.
+        Captions are right-padded (as `CaptionCollator` makes them), so positions are simply 0 .. P+T-1,
+        and the LM needs no attention mask at all: in a causal LM a real token only sees tokens before it,
+        never the padding after it, and the loss skips the padded positions. Without a mask, PyTorch's
+        fused attention can take its fastest path (FlashAttention on a GPU).
         """
-        embeds, mask = self.embed(images, input_ids, attention_mask)
+        embeds, _ = self.embed(images, input_ids, attention_mask)  # checks the mask's shape
         positions = repeat(torch.arange(embeds.shape[1], device=embeds.device), "s -> b s", b=embeds.shape[0])
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits  # (B, P + T, V)
+        logits = self.lm(inputs_embeds=embeds, position_ids=positions).logits  # (B, P + T, V)
         if labels is None:
             return CaptionerOutput(logits)
         if labels.shape != input_ids.shape:
