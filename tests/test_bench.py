@@ -138,3 +138,14 @@ def test_perf_step_memory_is_the_peak_of_live_tensors(monkeypatch):
 
     assert perf.step_memory(step, torch.device("cpu")) == 5_000_000  # both alive at once
     assert perf.step_memory(lambda: None, torch.device("cpu")) == 0
+
+
+def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
+    stdout, results = quick_run("fewshot.py", tmp_path)
+    assert "fast binding (% right)" in stdout and "visual question answering (% right)" in stdout
+    assert results["preset"] == "tiny" and len(results["binding"]) == 27 and len(results["vqa"]) == 6
+    for row in results["binding"] + results["vqa"]:
+        assert 0 < row["chance"] <= 0.5
+        for mode in ("images", "blind", "text"):
+            assert row[mode] is None or 0 <= row[mode]["open"] <= 1 and 0 <= row[mode]["rank"] <= 1
+    assert sum(row["images"] is not None for row in results["binding"]) >= 20  # most prompts fit the context
