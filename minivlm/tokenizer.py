@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+from minivlm import hub
 
 __all__ = ["EOT", "PAD", "train_tokenizer", "load_tokenizer", "tokenizer_for_hub_model"]
 
@@ -48,7 +50,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 def tokenizer_for_hub_model(name_or_path: str | Path):
     """A hub model's own tokenizer; GPT-2 has no padding token, so pad with <|endoftext|> (masked out anyway)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = hub.load_hf_tokenizer(name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

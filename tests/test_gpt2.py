@@ -180,7 +180,7 @@ def test_hub_name_offline_fails_fast_with_advice(tmp_path, monkeypatch):
 
 
 def test_missing_local_directory_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no GPT-2 directory at .*nowhere"):
+    with pytest.raises(FileNotFoundError, match="no directory at .*nowhere .looking for GPT-2"):
         load_hf_gpt2(tmp_path / "nowhere")
 
 

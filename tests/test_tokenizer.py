@@ -61,3 +61,17 @@ def test_hub_style_tokenizer_without_padding_pads_with_end_of_text(tokenizer, tm
 def test_too_small_a_vocabulary_is_refused():
     with pytest.raises(ValueError, match="at least 258"):
         train_tokenizer(TEXTS, vocab_size=100)
+
+
+def test_hub_tokenizer_offline_fails_fast_with_advice(tmp_path, monkeypatch):
+    import time
+
+    from minivlm.hub import OfflineError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache; conftest sets HF_HUB_OFFLINE
+    start = time.perf_counter()
+    with pytest.raises(OfflineError, match="the tokenizer of 'gpt2' is not in the local Hugging Face cache"):
+        tokenizer_for_hub_model("gpt2")
+    assert time.perf_counter() - start < 10
+    with pytest.raises(FileNotFoundError, match="no directory at .*nowhere.*tokenizer"):
+        tokenizer_for_hub_model(tmp_path / "nowhere" / "tok.json")
