@@ -37,16 +37,19 @@ MODES = ("images", "blind", "text")
 
 def binding_rows() -> list[dict]:
     """Every fast-binding setting measured: 2-way (shape, colour) and 5-way (colour) x shots x task induction,
-    then repeats and held-out colour–shape pairs for the headline setting (2-way, 1 shot, induction)."""
+    then, for the headline setting (2-way, 1 shot, induction): repeats, held-out colour–shape pairs, and
+    fresh made-up names instead of Frozen-style ones (dax, blicket, ...), which the corpus also uses."""
     rows = []
     for ways, attribute in ((2, "shape"), (2, "colour"), (5, "colour")):
         for shots in (0, 1, 3, 5):
             for induction in (True, False) if shots else (True,):
                 rows.append(dict(ways=ways, attribute=attribute, shots=shots, task_induction=induction, repeats=1,
-                                 split="test"))  # fmt: skip
+                                 split="test", made_up_names=False))  # fmt: skip
     for attribute in ("shape", "colour"):
-        rows += [dict(ways=2, attribute=attribute, shots=1, task_induction=True, repeats=r, split="test") for r in (2, 4)]
-        rows.append(dict(ways=2, attribute=attribute, shots=1, task_induction=True, repeats=1, split="heldout"))
+        headline = dict(ways=2, attribute=attribute, shots=1, task_induction=True, repeats=1, split="test",
+                        made_up_names=False)  # fmt: skip
+        rows += [{**headline, "repeats": 2}, {**headline, "repeats": 4}, {**headline, "split": "heldout"},
+                 {**headline, "made_up_names": True}]  # fmt: skip
     return rows
 
 
@@ -60,7 +63,8 @@ def binding_label(row: dict) -> str:
     label = f"{row['ways']}-way {row['attribute']}, {row['shots']} shot" + "s" * (row["shots"] != 1)
     label += ", induction" if row["task_induction"] else ""
     label += f", x{row['repeats']}" if row["repeats"] > 1 else ""
-    return label + (", held-out pairs" if row["split"] == "heldout" else "")
+    label += ", held-out pairs" if row["split"] == "heldout" else ""
+    return label + (", made-up names" if row["made_up_names"] else "")
 
 
 def measure(captioner, tokenizer, episodes, image_size: int, normalize: bool) -> dict:
@@ -130,7 +134,8 @@ def main() -> None:
     for i, row in enumerate(binding_rows()):
         rng = np.random.default_rng([args.seed, 1, i])
         episodes = [binding_episode(rng, row["ways"], row["shots"], attribute=row["attribute"],
-                                    task_induction=row["task_induction"], repeats=row["repeats"], split=row["split"])
+                                    task_induction=row["task_induction"], repeats=row["repeats"], split=row["split"],
+                                    made_up_names=row["made_up_names"])
                     for _ in range(args.episodes)]  # fmt: skip
         binding.append({**row, **measure(captioner, tokenizer, episodes, size, normalize)})
     labels = [binding_label(r) for r in binding]

@@ -143,7 +143,7 @@ def test_perf_step_memory_is_the_peak_of_live_tensors(monkeypatch):
 def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
     stdout, results = quick_run("fewshot.py", tmp_path)
     assert "fast binding (% right)" in stdout and "visual question answering (% right)" in stdout
-    assert results["preset"] == "tiny" and len(results["binding"]) == 27 and len(results["vqa"]) == 6
+    assert results["preset"] == "tiny" and len(results["binding"]) == 29 and len(results["vqa"]) == 6
     for row in results["binding"] + results["vqa"]:
         assert 0 < row["chance"] <= 0.5
         for mode in ("images", "blind", "text"):
