@@ -36,7 +36,7 @@ import numpy as np
 
 from minivlm.data import shapes as S
 
-__all__ = ["KINDS", "NAMES", "CorpusConfig", "made_up_word", "document", "documents", "binding_prompt"]
+__all__ = ["KINDS", "NAMES", "CorpusConfig", "made_up_word", "made_up_names", "document", "documents", "binding_prompt"]
 
 KINDS = ("caption", "repeat", "qa", "binding", "drill", "fact")
 # Names in the style of the Frozen paper's miniImageNet tasks; half of all binding documents use these,
@@ -87,16 +87,21 @@ def made_up_word(rng: np.random.Generator) -> str:
     return "".join(syllables)
 
 
-def _names(rng: np.random.Generator, n: int) -> list[str]:
-    """n distinct names: from NAMES or made up, half the time each."""
-    if rng.random() < 0.5:
-        return [NAMES[j] for j in rng.permutation(len(NAMES))[:n]]
+def made_up_names(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct made-up words, none of them a word of the shapes world."""
     names: list[str] = []
     while len(names) < n:
         word = made_up_word(rng)
         if word not in names and word not in S.SHAPES + S.COLOURS + S.SIZES:
             names.append(word)
     return names
+
+
+def _names(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct names: from NAMES or made up, half the time each."""
+    if rng.random() < 0.5:
+        return [NAMES[j] for j in rng.permutation(len(NAMES))[:n]]
+    return made_up_names(rng, n)
 
 
 def _scene(rng: np.random.Generator, strict: bool) -> S.Scene:

@@ -47,6 +47,17 @@ def hf_gpt2(preset: str, std: float | None = None):
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE trained on 300 shapes captions (every caption is at most 24 tokens); a test module
+    that needs another tokenizer defines its own `tokenizer` fixture, which takes precedence."""
+    from minivlm.data.shapes import ShapesWorld
+    from minivlm.tokenizer import train_tokenizer
+
+    world = ShapesWorld("train", seed=1, length=300)
+    return train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=400)
+
+
+@pytest.fixture(scope="session")
 def tiny_pair():
     """(transformers' GPT-2, ours with the same weights), tiny preset, weights spread enough to vary."""
     torch.manual_seed(0)

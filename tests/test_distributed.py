@@ -30,7 +30,6 @@ from minivlm.captioner import CAPTIONER_PRESETS, Captioner
 from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
-from minivlm.tokenizer import train_tokenizer
 from minivlm.train import TRAIN_PRESETS, StepBatches, TrainConfig, batch_indices, batch_loader, learned_state, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,12 +162,6 @@ def test_shards_deal_out_the_global_batch():
     assert len(sampler) == 3 and next(iter(sampler)) == batch_indices(0, 2, 512, 16)[1::2].tolist()
     with pytest.raises(ValueError, match="split evenly over the 3 processes; choose a multiple of 3"):
         StepBatches(TRAIN_PRESETS["tiny"], world=3)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    world = ShapesWorld("train", seed=1, length=300)
-    return train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=400)
 
 
 @pytest.fixture(scope="module")

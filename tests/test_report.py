@@ -17,15 +17,8 @@ from minivlm.data.shapes import HELD_OUT_PAIRS, ShapesWorld, parse_caption
 from minivlm.evaluate import CAPTION_METRICS, true_captions
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.report import EVAL_SEED, caption_grid, caption_splits, decoding_options, evaluate_splits, write_report
-from minivlm.tokenizer import train_tokenizer
 
 N = 6  # images per split
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    world = ShapesWorld("train", seed=1, length=300)
-    return train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=400)
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,13 @@ from safetensors.torch import load_file
 
 import minivlm.train as T
 from minivlm.captioner import CAPTIONER_PRESETS
-from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.report import save_loss_curve
-from minivlm.tokenizer import train_tokenizer
 from minivlm.train import TrainConfig, batch_indices, learned_state, load_captioner, read_config, train
 
 # A tiny CNN, linear mapper and P = 2; 64 images in batches of 8; checkpoints every 2 steps.
 CONFIG = TrainConfig(lm="passed in", captioner=CAPTIONER_PRESETS["tiny"], train_images=64, batch_size=8, steps=4,
                      lr=1e-2, warmup=1, max_length=32, sample_every=0, checkpoint_every=2, threads=1)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A byte-level BPE trained on 300 shapes captions: every caption is at most 24 tokens."""
-    world = ShapesWorld("train", seed=1, length=300)
-    return train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=400)
 
 
 def tiny_lm(vocab_size: int) -> GPT2:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-from minivlm.corpus import NAMES, made_up_word
+from minivlm.corpus import NAMES, made_up_names
 from minivlm.data import shapes as S
 from minivlm.data.folders import IMAGENET_MEAN, IMAGENET_STD
 
@@ -82,12 +82,7 @@ def _names(rng: np.random.Generator, n: int, made_up: bool) -> list[str]:
     """n distinct names: Frozen's style (dax, blicket, ...) or fresh made-up words."""
     if not made_up:
         return [NAMES[j] for j in rng.permutation(len(NAMES))[:n]]
-    names: list[str] = []
-    while len(names) < n:
-        word = made_up_word(rng)
-        if word not in names and word not in S.SHAPES + S.COLOURS + S.SIZES:
-            names.append(word)
-    return names
+    return made_up_names(rng, n)
 
 
 def binding_episode(
