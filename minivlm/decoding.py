@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-__all__ = ["generate", "greedy", "sample", "beam_search", "filter_logits", "positions_from_mask", "STRATEGIES"]
+__all__ = ["generate", "greedy", "sample", "beam_search", "filter_logits", "positions_from_mask", "reorder_cache",
+           "STRATEGIES"]  # fmt: skip
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -112,7 +113,7 @@ def _check_inputs(
     return attention_mask.long()
 
 
-def _reorder_cache(cache, index: Tensor) -> None:
+def reorder_cache(cache, index: Tensor) -> None:
     """Keep the cache's rows `index`, in that order: ours has `reorder`, transformers' `Cache` has `reorder_cache`."""
     if hasattr(cache, "reorder"):
         cache.reorder(index)
@@ -177,7 +178,7 @@ class _Sequences:
         """Make row i a copy of row index[i] (beam search: each surviving beam continues its parent)."""
         self.new, self.mask = self.new[index], self.mask[index]
         if self.cache is not None:  # the cache holds the prompt, which is not read again
-            _reorder_cache(self.cache, index)
+            reorder_cache(self.cache, index)
         elif self.prompt_ids is not None:
             self.prompt_ids = self.prompt_ids[index]
         else:

@@ -39,7 +39,7 @@ from einops import repeat
 from torch import Tensor
 
 from minivlm.captioner import Captioner
-from minivlm.decoding import _reorder_cache, generate, positions_from_mask
+from minivlm.decoding import reorder_cache, generate, positions_from_mask
 
 __all__ = ["Segment", "embed_prompts", "complete", "score", "says"]
 
@@ -166,7 +166,7 @@ def _score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]]
     out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
              logits_to_keep=1)  # fmt: skip
     cache = out.past_key_values
-    _reorder_cache(cache, torch.arange(b, device=mask.device).repeat_interleave(k))  # B -> B·K rows
+    reorder_cache(cache, torch.arange(b, device=mask.device).repeat_interleave(k))  # B -> B·K rows
     full = torch.cat([repeat(mask, "b l -> (b k) l", k=k), real], dim=1)  # (B·K, L + C)
     logits = lm(input_ids=tokens, attention_mask=full, position_ids=positions_from_mask(full)[:, -c:],
                 past_key_values=cache, use_cache=True).logits  # (B·K, C, V)  # fmt: skip
