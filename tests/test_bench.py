@@ -149,3 +149,53 @@ def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
         for mode in ("images", "blind", "text"):
             assert row[mode] is None or 0 <= row[mode]["open"] <= 1 and 0 <= row[mode]["rank"] <= 1
     assert sum(row["images"] is not None for row in results["binding"]) >= 20  # most prompts fit the context
+
+
+def test_diagnose_quick_run_prints_the_three_measurements(tmp_path):
+    stdout, results = quick_run("diagnose.py", tmp_path)
+    for heading in ("1. the course captioner", "2. linear probes", "3. the oracle vision side"):
+        assert heading in stdout
+    for part in ("captioner", "oracle"):
+        table = results[part]
+        assert set(table) <= {"all", "1 object", "2 objects", "3 objects"} and "all" in table
+        assert sum(row["images"] for name, row in table.items() if name != "all") == table["all"]["images"] == 30
+    assert set(results["probes"]) == {"majority", "trained encoder", "trained prefix", "random encoder"}
+    for row in results["probes"].values():
+        assert set(row) == {"shape present", "colour present", "large objects"}
+        assert all(0 <= v <= 1 for v in row.values())
+
+
+def test_diagnose_oracle_features_hold_each_shapes_attributes(monkeypatch):
+    bench = load_bench("diagnose.py", monkeypatch)
+    from minivlm.data import shapes as S
+
+    scene = S.Scene((S.Obj("circle", "blue", "large", 0.25, 0.5), S.Obj("square", "red", "small", 0.75, 0.5)),
+                    ("to the left of",))  # fmt: skip
+    features = bench.oracle_features(scene)
+    assert features.shape == (bench.OracleEncoder.out_dim,)
+    slots = features[: len(S.SHAPES) * bench.SLOT].view(len(S.SHAPES), bench.SLOT)
+    pairs = features[len(S.SHAPES) * bench.SLOT :].view(len(bench.PAIRS), bench.PAIR)
+    colours, sizes, where = slots[:, : len(S.COLOURS) + 1], slots[:, len(S.COLOURS) + 1 : -2], slots[:, -2:]
+    assert colours.sum(1).tolist() == [1, 1, 1, 1] and sizes.sum(1).tolist() == [1, 1, 1, 1]  # one-hots
+    assert colours[0].argmax() == 1 + S.COLOURS.index("blue") and sizes[0].argmax() == 1 + S.SIZES.index("large")
+    assert colours[1].argmax() == 1 + S.COLOURS.index("red") and sizes[1].argmax() == 1 + S.SIZES.index("small")
+    assert colours[2].argmax() == 0 and colours[3].argmax() == 0  # triangle and diamond: absent
+    assert where[0].tolist() == [0.25, 0.5] and where[1].tolist() == [0.75, 0.5] and where[2:].abs().sum() == 0
+    stated = {pair: S.RELATIONS[row.argmax()] for pair, row in zip(bench.PAIRS, pairs) if row[-1] == 0}
+    assert stated == {("circle", "square"): "to the left of", ("square", "circle"): "to the right of"}
+    assert pairs.sum(1).tolist() == [1] * len(bench.PAIRS)
+
+
+def test_diagnose_linear_probe_reads_what_is_linear_and_not_what_is_absent(monkeypatch):
+    import torch
+
+    bench = load_bench("diagnose.py", monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 10, generator=g)
+    binary = (x[:, :2] > 0).float()  # (N, 2): linear in x
+    classes = (x[:, 0] > -0.5).long() + (x[:, 0] > 0.5).long()  # (N,): 0, 1 or 2, slabs along x_0
+    noise = (torch.rand(600, 2, generator=g) > 0.5).float()  # independent of x
+    assert bench.linear_probe(x[:400], binary[:400], x[400:], binary[400:]) > 0.95
+    assert bench.linear_probe(x[:400], classes[:400], x[400:], classes[400:]) > 0.9
+    assert bench.linear_probe(x[:400], noise[:400], x[400:], noise[400:]) < 0.65
+    assert bench.majority(classes[:400], classes[400:]) == (classes[400:] == 1).float().mean().item()
