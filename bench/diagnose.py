@@ -139,6 +139,16 @@ def by_objects(predictions: Sequence[str], scenes: Sequence[S.Scene]) -> dict[st
     return out
 
 
+def confusion(predictions: Sequence[str], scenes: Sequence[S.Scene]) -> dict[str, dict[str, int]]:
+    """On one-object images: {true shape: {shape said (or "-" for none): count}}."""
+    table = {shape: dict.fromkeys((*S.SHAPES, "-"), 0) for shape in S.SHAPES}
+    for prediction, scene in zip(predictions, scenes):
+        if len(scene.objects) == 1:
+            said = S.try_parse(prediction)
+            table[scene.objects[0].shape][said.objects[0][2] if said else "-"] += 1
+    return table
+
+
 def train_oracle(config, lm: nn.Module, tokenizer, progress: bool = False) -> Captioner:
     """The oracle captioner: OracleEncoder and a fresh mapper, trained with the preset's recipe against the LM."""
     torch.manual_seed(config.seed)
@@ -215,8 +225,14 @@ def main() -> None:
 
     # 1. the trained captioner, by object count
     captioner, tokenizer, _ = course_captioner(preset, progress=False)
-    results["captioner"] = by_objects(generate(captioner, test_images, tokenizer, config.max_length), test_scenes)
+    predictions = generate(captioner, test_images, tokenizer, config.max_length)
+    results["captioner"] = by_objects(predictions, test_scenes)
     print_scores("1. the course captioner on test images, by object count", results["captioner"])
+    results["shape_confusion"] = confusion(predictions, test_scenes)
+    print("\none-object images: the true shape (rows) against the shape said (columns; '-': no shape said)")
+    print(f"{'':>10} " + " ".join(f"{s:>9}" for s in (*S.SHAPES, "-")))
+    for shape, row in results["shape_confusion"].items():
+        print(f"{shape:>10} " + " ".join(f"{n:>9}" for n in row.values()))
 
     # 2. linear probes of the trained encoder, its prefix, and a random encoder of the same shape
     probe_world = S.ShapesWorld("train", size, 2, n_probe)  # other scenes than the captioner trained on

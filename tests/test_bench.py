@@ -159,6 +159,8 @@ def test_diagnose_quick_run_prints_the_three_measurements(tmp_path):
         table = results[part]
         assert set(table) <= {"all", "1 object", "2 objects", "3 objects"} and "all" in table
         assert sum(row["images"] for name, row in table.items() if name != "all") == table["all"]["images"] == 30
+    ones = results["captioner"].get("1 object", {"images": 0})["images"]
+    assert sum(sum(row.values()) for row in results["shape_confusion"].values()) == ones
     assert set(results["probes"]) == {"majority", "trained encoder", "trained prefix", "random encoder"}
     for row in results["probes"].values():
         assert set(row) == {"shape present", "colour present", "large objects"}
@@ -184,6 +186,18 @@ def test_diagnose_oracle_features_hold_each_shapes_attributes(monkeypatch):
     stated = {pair: S.RELATIONS[row.argmax()] for pair, row in zip(bench.PAIRS, pairs) if row[-1] == 0}
     assert stated == {("circle", "square"): "to the left of", ("square", "circle"): "to the right of"}
     assert pairs.sum(1).tolist() == [1] * len(bench.PAIRS)
+
+
+def test_diagnose_confusion_counts_one_object_images_only(monkeypatch):
+    bench = load_bench("diagnose.py", monkeypatch)
+    from minivlm.data import shapes as S
+
+    one = S.Scene((S.Obj("circle", "blue", "large", 0.5, 0.5),), ())
+    two = S.Scene((S.Obj("circle", "blue", "large", 0.25, 0.5), S.Obj("square", "red", "small", 0.75, 0.5)),
+                  ("to the left of",))  # fmt: skip
+    table = bench.confusion(["a large blue square.", "not a caption", "a large blue circle."], [one, one, two])
+    assert table["circle"] == {"circle": 0, "square": 1, "triangle": 0, "diamond": 0, "-": 1}
+    assert sum(sum(row.values()) for row in table.values()) == 2
 
 
 def test_diagnose_linear_probe_reads_what_is_linear_and_not_what_is_absent(monkeypatch):
