@@ -20,7 +20,7 @@ far behind colour and size). Three measurements locate each kind of error:
    captioner is wrong, the encoder is to blame; where the oracle fails too, the LM (or the mapper) is.
 
 Run from the repository root:
-    .venv/bin/python bench/diagnose.py            # the cpu preset (about 4 minutes, most of it the oracle)
+    .venv/bin/python bench/diagnose.py            # the cpu preset (about 5 minutes on one thread; the oracle takes 3)
     .venv/bin/python bench/diagnose.py --quick    # the tiny preset: seconds, proves the script runs
     .venv/bin/python bench/diagnose.py --oracle-mapper linear --oracle-prefix 16   # another mapper for the oracle
     .venv/bin/python bench/diagnose.py --json out.json
