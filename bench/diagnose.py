@@ -43,7 +43,7 @@ from minivlm.captioner import Captioner
 from minivlm.data import shapes as S
 from minivlm.data.captions import CaptionCollator, ShapesCaptions
 from minivlm.evaluate import attribute_scores, true_captions
-from minivlm.lm import learning_rate, load_frozen_lm
+from minivlm.lm import learning_rate
 from minivlm.prefix import build_mapper, embedding_scale
 from minivlm.train import TRAIN_PRESETS, batch_indices, course_captioner
 
@@ -255,7 +255,7 @@ def main() -> None:
         print(f"{name:<16} " + "  ".join(f"{100 * v:>15.1f}" for v in row.values()))
 
     # 3. the oracle: true attributes in, only the mapper trained
-    lm, tokenizer = load_frozen_lm(config.lm)
+    lm = captioner.lm  # the same frozen LM, already loaded
     if args.quick:
         config = replace(config, steps=10, warmup=1)
     changes = {"mapper": args.oracle_mapper, "prefix_length": args.oracle_prefix}
