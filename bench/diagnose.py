@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivlm.captioner import Captioner
+from minivlm.cnn import build_encoder
 from minivlm.data import shapes as S
 from minivlm.data.captions import CaptionCollator, ShapesCaptions
 from minivlm.evaluate import attribute_scores, true_captions
@@ -238,10 +239,11 @@ def main() -> None:
     probe_world = S.ShapesWorld("train", size, 2, n_probe)  # other scenes than the captioner trained on
     probe_scenes = [probe_world.scene(i) for i in range(n_probe)]
     probe_images = torch.stack([x for x, _ in ShapesCaptions(probe_world)])
-    torch.manual_seed(config.seed)
-    untrained = Captioner.from_config(captioner.lm, replace(config.captioner, encoder_weights=None)).eval()
+    c = config.captioner
+    torch.manual_seed(config.seed)  # the init the trained encoder started from
+    untrained = build_encoder(c.encoder, c.image_size, preset=c.cnn_preset).eval()
     sources = {"trained encoder": captioner.encoder, "trained prefix": captioner.prefix,
-               "random encoder": untrained.encoder}  # fmt: skip
+               "random encoder": untrained}  # fmt: skip
     train_targets, test_targets = probe_targets(probe_scenes), probe_targets(test_scenes)
     probes = {"majority": {k: majority(train_targets[k], test_targets[k]) for k in train_targets}}
     for name, read in sources.items():
