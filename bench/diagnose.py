@@ -1,7 +1,7 @@
-"""Where the captioner loses: the vision side, or what the frozen LM can say? Three measurements.
+"""Where the captioner loses: the vision side, or what the frozen LM can say? Four measurements.
 
 The course captioner's errors are not spread evenly over the attributes (in the cpu preset, shape is
-far behind colour and size). Three measurements locate each kind of error:
+far behind colour and size). Four measurements locate each kind of error:
 
 1. **By object count.** The trained captioner (`course_captioner`, from the cache) scored on test
    images with 1, 2 and 3 objects separately. One object needs no binding: an error there is about
@@ -18,6 +18,9 @@ far behind colour and size). Three measurements locate each kind of error:
    the preset's recipe (steps, batch, learning rate). This is the ceiling of a perfect encoder with
    this LM and mapper. Where the oracle is right and the real
    captioner is wrong, the encoder is to blame; where the oracle fails too, the LM (or the mapper) is.
+4. **Frozen or not?** The same oracle, with a copy of the LM fine-tuned along with the mapper (the
+   fine-tuned-LM control of Frozen's paper). If it says what the frozen oracle cannot, the LM's weights
+   know how to; what fails is steering them through an input prefix alone.
 
 Run from the repository root:
     .venv/bin/python bench/diagnose.py            # the cpu preset (about 5 minutes on one thread; the oracle takes 3)
@@ -29,6 +32,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -150,21 +154,27 @@ def confusion(predictions: Sequence[str], scenes: Sequence[S.Scene]) -> dict[str
     return table
 
 
-def train_oracle(config, lm: nn.Module, tokenizer, progress: bool = False) -> Captioner:
-    """The oracle captioner: OracleEncoder and a fresh mapper, trained with the preset's recipe against the LM."""
+def train_oracle(config, lm: nn.Module, tokenizer, progress: bool = False, train_lm: bool = False) -> Captioner:
+    """The oracle captioner: OracleEncoder and a fresh mapper, trained with the preset's recipe against the LM.
+
+    train_lm=True is the control: a copy of the LM is fine-tuned along with the mapper (the `lm` passed
+    in stays frozen and unchanged). Frozen against fine-tuned, with the same perfect features, tells
+    whether what the oracle cannot say is out of reach of the LM's weights or only of its input prefix.
+    """
     torch.manual_seed(config.seed)
     c = config.captioner
     scale = embedding_scale(lm) if c.normalize_prefix else None
     mapper = build_mapper(c.mapper, OracleEncoder.out_dim, lm.get_input_embeddings().embedding_dim, c.prefix_length,
                           scale)  # fmt: skip
-    captioner = Captioner(OracleEncoder(), mapper, lm).train()
+    captioner = Captioner(OracleEncoder(), mapper, copy.deepcopy(lm) if train_lm else lm, train_lm=train_lm).train()
     world = S.ShapesWorld("train", c.image_size, config.data_seed, config.train_images)
     scenes = [world.scene(i) for i in range(len(world))]
     features = torch.stack([oracle_features(sc) for sc in scenes])  # (N, F)
     captions = [S.caption(sc) for sc in scenes]
     collate = CaptionCollator(tokenizer, config.max_length)
-    decay = [p for p in mapper.parameters() if p.ndim >= 2]
-    rest = [p for p in mapper.parameters() if p.ndim < 2]
+    trained = captioner.trainable_parameters()  # the mapper's (and the LM copy's, with train_lm)
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=config.lr)  # fmt: skip
     for step in range(config.steps):
@@ -175,7 +185,7 @@ def train_oracle(config, lm: nn.Module, tokenizer, progress: bool = False) -> Ca
         loss = captioner(batch["images"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(mapper.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
         optimizer.step()
         if progress and (step + 1) % 250 == 0:
             print(f"    oracle step {step + 1}/{config.steps}: loss {loss.item():.3f}", flush=True)
@@ -271,6 +281,14 @@ def main() -> None:
     print_scores(f"3. the oracle vision side ({config.captioner.mapper} mapper, P = {config.captioner.prefix_length}, "
                  f"{config.steps} steps, {results['oracle_seconds']:.0f} s), by object count",
                  results["oracle"])  # fmt: skip
+
+    # 4. the control: the same oracle with the LM fine-tuned as well
+    start = time.perf_counter()
+    tuned = train_oracle(config, lm, tokenizer, progress=not args.quick, train_lm=True)
+    results["oracle_lm_tuned_seconds"] = round(time.perf_counter() - start, 1)
+    results["oracle_lm_tuned"] = by_objects(generate(tuned, features, tokenizer, config.max_length), test_scenes)
+    print_scores(f"4. the same oracle with the LM fine-tuned too (the control; {results['oracle_lm_tuned_seconds']:.0f} s)",
+                 results["oracle_lm_tuned"])  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

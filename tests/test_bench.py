@@ -151,11 +151,11 @@ def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
     assert sum(row["images"] is not None for row in results["binding"]) >= 20  # most prompts fit the context
 
 
-def test_diagnose_quick_run_prints_the_three_measurements(tmp_path):
+def test_diagnose_quick_run_prints_the_four_measurements(tmp_path):
     stdout, results = quick_run("diagnose.py", tmp_path)
-    for heading in ("1. the course captioner", "2. linear probes", "3. the oracle vision side"):
+    for heading in ("1. the course captioner", "2. linear probes", "3. the oracle vision side", "4. the same oracle"):
         assert heading in stdout
-    for part in ("captioner", "oracle"):
+    for part in ("captioner", "oracle", "oracle_lm_tuned"):
         table = results[part]
         assert set(table) <= {"all", "1 object", "2 objects", "3 objects"} and "all" in table
         assert sum(row["images"] for name, row in table.items() if name != "all") == table["all"]["images"] == 30
@@ -213,3 +213,23 @@ def test_diagnose_linear_probe_reads_what_is_linear_and_not_what_is_absent(monke
     assert bench.linear_probe(x[:400], classes[:400], x[400:], classes[400:]) > 0.9
     assert bench.linear_probe(x[:400], noise[:400], x[400:], noise[400:]) < 0.65
     assert bench.majority(classes[:400], classes[400:]) == (classes[400:] == 1).float().mean().item()
+
+
+def test_diagnose_oracle_fine_tunes_a_copy_of_the_lm_and_leaves_the_frozen_one_alone(monkeypatch):
+    import torch
+
+    bench = load_bench("diagnose.py", monkeypatch)
+
+    from minivlm.lm import load_frozen_lm
+    from minivlm.train import TRAIN_PRESETS
+
+    lm, tokenizer = load_frozen_lm("course:tiny")
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    config = replace(TRAIN_PRESETS["tiny"], steps=3, warmup=1, train_images=64)
+    frozen = bench.train_oracle(config, lm, tokenizer)
+    tuned = bench.train_oracle(config, lm, tokenizer, train_lm=True)
+    assert frozen.lm is lm and tuned.lm is not lm
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())  # the LM passed in: untouched
+    assert not any(p.requires_grad for p in lm.parameters())
+    moved = [k for k, v in tuned.lm.state_dict().items() if not torch.equal(before[k], v)]
+    assert moved and all(p.requires_grad for p in tuned.lm.parameters())  # the copy did train
