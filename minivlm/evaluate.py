@@ -24,7 +24,6 @@ need Java and are left out.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -54,10 +53,8 @@ def true_captions(scene: S.Scene) -> list[str]:
     (the rule `sample_scene` draws layouts by); the reversed order always does, others sometimes.
     """
     captions = [S.caption(scene)]
-    for objects in itertools.permutations(scene.objects):
-        relations = tuple(S._relation((a.x, a.y), (b.x, b.y), S.RADIUS[a.size] + S.RADIUS[b.size])
-                          for a, b in zip(objects, objects[1:]))  # fmt: skip
-        if None not in relations and (text := S.caption(S.Scene(objects, relations))) not in captions:
+    for told in S.orders(scene):
+        if (text := S.caption(told)) not in captions:
             captions.append(text)
     return captions
 

@@ -16,7 +16,8 @@ import pytest
 
 from minivlm.data.shapes import (
     BACKGROUND, GAP, HELD_OUT_PAIRS, RADIUS, RELATIONS, RGB, SHAPES, SIZES, SPLITS, Obj, ParsedScene, Scene,
-    ShapesWorld, caption, describe, parse_caption, questions, render, render_batch, sample_scene, try_parse,
+    ShapesWorld, canonical, caption, describe, orders, parse_caption, questions, render, render_batch, sample_scene,
+    try_parse,
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +187,38 @@ def test_every_stated_relation_is_clearly_true():
                              "above": (dy, dx), "below": (-dy, dx)}[relation]  # fmt: skip
             assert along >= RADIUS[a.size] + RADIUS[b.size] + GAP - 1e-12, (scene, relation)
             assert abs(across) <= 0.5 * along, (scene, relation)
+
+
+def test_orders_tell_the_same_scene_and_include_its_own_and_the_reverse():
+    for scene in scenes("test")[:500]:
+        told = orders(scene)
+        assert scene in told and Scene(scene.objects[::-1], tuple(RELATIONS[RELATIONS.index(r) ^ 1]
+                                                                    for r in scene.relations[::-1])) in told
+        assert len(set(told)) == len(told) and all(sorted(t.objects, key=repr) == sorted(scene.objects, key=repr)
+                                                   for t in told)  # fmt: skip
+        assert {parse_caption(caption(t)) for t in told} == {describe(t) for t in told}  # each a caption
+
+
+def test_canonical_names_the_leftmost_object_first_and_is_one_caption_per_image():
+    circle, square = Obj("circle", "red", "small", 0.8, 0.5), Obj("square", "blue", "large", 0.2, 0.5)
+    assert canonical(scene_of(circle, square, relations=("to the right of",))) == scene_of(
+        square, circle, relations=("to the left of",))
+    above = scene_of(Obj("circle", "red", "small", 0.5, 0.8), Obj("square", "blue", "large", 0.45, 0.2),
+                     relations=("below",))  # fmt: skip
+    assert canonical(above).objects[0].shape == "square" and canonical(above).relations == ("above",)
+    for scene in scenes("train")[:500]:
+        first = canonical(scene)
+        assert first in orders(scene) and canonical(first) == first
+        assert all(canonical(t) == first for t in orders(scene))  # every true caption of an image: one canonical
+        assert [o.x for o in first.objects][0] == min(o.x for o in scene.objects) or len(scene.objects) == 3
+
+
+def test_canonical_refuses_objects_with_no_clear_relation():
+    touching = scene_of(Obj("circle", "red", "small", 0.5, 0.5), Obj("square", "blue", "small", 0.52, 0.5),
+                        relations=("to the left of",))  # fmt: skip
+    assert orders(touching) == []
+    with pytest.raises(ValueError, match="no order of these objects has a clear relation"):
+        canonical(touching)
 
 
 def test_relations_are_true_in_the_pixels():

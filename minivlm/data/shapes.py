@@ -21,6 +21,7 @@ samples per pixel.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -33,7 +34,7 @@ from einops import rearrange, reduce
 __all__ = [
     "COLOURS", "SHAPES", "SIZES", "RELATIONS", "HELD_OUT_PAIRS", "RGB", "BACKGROUND", "SPLITS", "RADIUS",
     "MIN_IMAGE_SIZE", "Obj", "Scene", "ParsedScene", "caption", "describe", "parse_caption", "try_parse",
-    "questions", "sample_scene", "render", "render_batch", "ShapesWorld",
+    "questions", "orders", "canonical", "sample_scene", "render", "render_batch", "ShapesWorld",
 ]  # fmt: skip
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
@@ -226,6 +227,34 @@ def _layout(rng: np.random.Generator, radii: list[float]) -> tuple[list[tuple[fl
         if None not in relations and (len(xy) < 3 or _apart(xy[0], xy[2], radii[0] + radii[2])):
             return xy, relations
     raise RuntimeError(f"no layout found for radii {radii}")
+
+
+def orders(scene: Scene) -> list[Scene]:
+    """The scene told in every order of its objects in which each neighbouring pair stands in one clear relation.
+
+    That is the rule `sample_scene` draws layouts by, so each such order is a caption the world could
+    have written for the same image; the reversed order always qualifies, others sometimes. Relations
+    are read from the objects' centres, so a hand-built scene whose objects stand too close has none.
+    """
+    told = []
+    for objects in itertools.permutations(scene.objects):
+        relations = tuple(_relation((a.x, a.y), (b.x, b.y), RADIUS[a.size] + RADIUS[b.size])
+                          for a, b in zip(objects, objects[1:]))  # fmt: skip
+        if None not in relations:
+            told.append(Scene(objects, relations))
+    return told
+
+
+def canonical(scene: Scene) -> Scene:
+    """The scene in one fixed order of `orders(scene)`: the leftmost object first, then the leftmost of the rest.
+
+    The world's own captions name the objects in a random order, so one image has up to six true
+    captions. Told canonically, each image has exactly one.
+    """
+    told = orders(scene)
+    if not told:
+        raise ValueError(f"no order of these objects has a clear relation between each neighbouring pair: {scene}")
+    return min(told, key=lambda s: [(o.x, o.y) for o in s.objects])
 
 
 def sample_scene(split: str, seed: int, index: int) -> Scene:
