@@ -23,9 +23,10 @@ far behind colour and size). Four measurements locate each kind of error:
    know how to; what fails is steering them through an input prefix alone.
 
 Run from the repository root:
-    .venv/bin/python bench/diagnose.py            # the cpu preset (about 5 minutes on one thread; the oracle takes 3)
+    .venv/bin/python bench/diagnose.py            # the cpu preset (about 7 minutes on 2 threads; the oracles take 3)
     .venv/bin/python bench/diagnose.py --quick    # the tiny preset: seconds, proves the script runs
     .venv/bin/python bench/diagnose.py --oracle-mapper linear --oracle-prefix 16   # another mapper for the oracle
+    .venv/bin/python bench/diagnose.py --oracle-captions canonical   # the oracles learn one caption per image
     .venv/bin/python bench/diagnose.py --json out.json
 """
 
@@ -154,12 +155,16 @@ def confusion(predictions: Sequence[str], scenes: Sequence[S.Scene]) -> dict[str
     return table
 
 
-def train_oracle(config, lm: nn.Module, tokenizer, progress: bool = False, train_lm: bool = False) -> Captioner:
+def train_oracle(
+    config, lm: nn.Module, tokenizer, progress: bool = False, train_lm: bool = False, canonical: bool = False
+) -> Captioner:
     """The oracle captioner: OracleEncoder and a fresh mapper, trained with the preset's recipe against the LM.
 
     train_lm=True is the control: a copy of the LM is fine-tuned along with the mapper (the `lm` passed
     in stays frozen and unchanged). Frozen against fine-tuned, with the same perfect features, tells
     whether what the oracle cannot say is out of reach of the LM's weights or only of its input prefix.
+    canonical=True trains on each scene's canonical caption (`S.canonical`: the leftmost object first)
+    instead of the world's, which names the objects in a random order.
     """
     torch.manual_seed(config.seed)
     c = config.captioner
@@ -170,7 +175,7 @@ def train_oracle(config, lm: nn.Module, tokenizer, progress: bool = False, train
     world = S.ShapesWorld("train", c.image_size, config.data_seed, config.train_images)
     scenes = [world.scene(i) for i in range(len(world))]
     features = torch.stack([oracle_features(sc) for sc in scenes])  # (N, F)
-    captions = [S.caption(sc) for sc in scenes]
+    captions = [S.caption(S.canonical(sc) if canonical else sc) for sc in scenes]
     collate = CaptionCollator(tokenizer, config.max_length)
     trained = captioner.trainable_parameters()  # the mapper's (and the LM copy's, with train_lm)
     decay = [p for p in trained if p.ndim >= 2]
@@ -217,6 +222,9 @@ def main() -> None:
     parser.add_argument("--oracle-mapper", default=None, help="the oracle's mapper kind (default: the preset's)")
     parser.add_argument("--oracle-prefix", type=int, default=None,
                         help="the oracle's prefix length P (default: the preset's)")  # fmt: skip
+    parser.add_argument("--oracle-captions", choices=("world", "canonical"), default="world",
+                        help="the oracles' training captions: the world's (objects in a random order, the default) "
+                             "or one canonical caption per image (the leftmost object first)")
     parser.add_argument("--quick", action="store_true", help="the tiny preset, few images and steps: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
@@ -274,17 +282,20 @@ def main() -> None:
     config = replace(config, captioner=replace(config.captioner, **{k: v for k, v in changes.items() if v is not None}))
     results["oracle_captioner"] = {"mapper": config.captioner.mapper, "prefix_length": config.captioner.prefix_length}
     start = time.perf_counter()
-    oracle = train_oracle(config, lm, tokenizer, progress=not args.quick)
+    canonical = args.oracle_captions == "canonical"
+    results["oracle_captions"] = args.oracle_captions
+    oracle = train_oracle(config, lm, tokenizer, progress=not args.quick, canonical=canonical)
     results["oracle_seconds"] = round(time.perf_counter() - start, 1)
     features = torch.stack([oracle_features(sc) for sc in test_scenes])
     results["oracle"] = by_objects(generate(oracle, features, tokenizer, config.max_length), test_scenes)
     print_scores(f"3. the oracle vision side ({config.captioner.mapper} mapper, P = {config.captioner.prefix_length}, "
-                 f"{config.steps} steps, {results['oracle_seconds']:.0f} s), by object count",
+                 f"{config.steps} steps, {args.oracle_captions} captions, {results['oracle_seconds']:.0f} s), "
+                 f"by object count",
                  results["oracle"])  # fmt: skip
 
     # 4. the control: the same oracle with the LM fine-tuned as well
     start = time.perf_counter()
-    tuned = train_oracle(config, lm, tokenizer, progress=not args.quick, train_lm=True)
+    tuned = train_oracle(config, lm, tokenizer, progress=not args.quick, train_lm=True, canonical=canonical)
     results["oracle_lm_tuned_seconds"] = round(time.perf_counter() - start, 1)
     results["oracle_lm_tuned"] = by_objects(generate(tuned, features, tokenizer, config.max_length), test_scenes)
     print_scores(f"4. the same oracle with the LM fine-tuned too (the control; {results['oracle_lm_tuned_seconds']:.0f} s)",

@@ -13,10 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quick_run(script: str, tmp_path: Path) -> tuple[str, dict]:
-    """Run `bench/<script> --quick --json`; return what it printed and the numbers it wrote."""
+def quick_run(script: str, tmp_path: Path, *options: str) -> tuple[str, dict]:
+    """Run `bench/<script> --quick --json [options]`; return what it printed and the numbers it wrote."""
     out = subprocess.run(
-        [sys.executable, f"bench/{script}", "--quick", "--json", str(tmp_path / "bench.json")],
+        [sys.executable, f"bench/{script}", "--quick", "--json", str(tmp_path / "bench.json"), *options],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -152,9 +152,10 @@ def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
 
 
 def test_diagnose_quick_run_prints_the_four_measurements(tmp_path):
-    stdout, results = quick_run("diagnose.py", tmp_path)
+    stdout, results = quick_run("diagnose.py", tmp_path, "--oracle-captions", "canonical")
     for heading in ("1. the course captioner", "2. linear probes", "3. the oracle vision side", "4. the same oracle"):
         assert heading in stdout
+    assert results["oracle_captions"] == "canonical" and "canonical captions" in stdout
     for part in ("captioner", "oracle", "oracle_lm_tuned"):
         table = results[part]
         assert set(table) <= {"all", "1 object", "2 objects", "3 objects"} and "all" in table
