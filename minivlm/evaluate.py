@@ -9,12 +9,12 @@ al., 2015) only measure overlap with reference text; `caption_metrics` computes 
 mean what the papers' numbers mean. On the shapes world one swapped colour costs a caption its exact
 match but barely dents BLEU: the table from `metrics_table` shows both.
 
-One image, several true captions. A scene's caption lists its objects in an order the image does not
-show: "a red circle to the left of a blue square." and "a blue square to the right of a red circle."
-describe the same picture, and the world draws either with equal chance. A perfect model can therefore
-match the one stored caption on only about 63% of test images. `true_captions(scene)` lists every
-caption the world could have written for a scene's image; pass those as the references (the canonical
-caption first) to score a model on what it can see.
+One image, several true captions. "a red circle to the left of a blue square." and "a blue square to
+the right of a red circle." describe the same picture. The world writes one of them, the canonical one
+(`shapes.canonical`: the leftmost object first), but a model that names the objects in another order
+and gets every relation right has not erred. `true_captions(scene)` lists every caption the world could
+write for a scene's image in some order; pass those as the references (the world's caption first) to
+score a model on what it can see.
 
 Tokenisation: pycocoevalcap's PTBTokenizer needs Java, so we tokenise simply instead (`simple_tokenize`):
 lowercase, punctuation replaced by spaces, tokens split on whitespace. For shapes-world captions this

@@ -78,7 +78,7 @@ BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "worker
 ADDED_FIELDS = ("precision", "compile", "workers", "prefetch")
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
-CAPTIONER_CACHE_VERSION = 1  # bump when training code changes what a config trains: cached captioners retrain
+CAPTIONER_CACHE_VERSION = 2  # bump when training code or data change what a config trains: cached captioners retrain (2: canonical captions)
 SAMPLES = 2  # training images whose generated captions are printed every sample_every steps
 
 
