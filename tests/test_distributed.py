@@ -281,10 +281,14 @@ def test_gpu_preset_offline_is_one_clear_error(tmp_path, capsys):
 
 
 def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
-    """precision, compile, workers and prefetch came after the cache: at their defaults, the names it had before."""
-    assert T._cache_name("tiny") == "tiny-d5a405cd11f5" and T._cache_name("cpu") == "cpu-fe58938a18d3"
+    """precision, compile, workers and prefetch came after the cache: at their defaults, the names it had before.
+
+    The names below are those of CAPTIONER_CACHE_VERSION 2 (canonical captions), which renamed every entry on purpose.
+    """
+    assert T.CAPTIONER_CACHE_VERSION == 2
+    assert T._cache_name("tiny") == "tiny-819ecdb3976e" and T._cache_name("cpu") == "cpu-a6c7ccdd16df"
     monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(T.TRAIN_PRESETS["cpu"], precision="bf16"))
-    assert T._cache_name("cpu") != "cpu-fe58938a18d3"  # a change that changes the weights: another entry
+    assert T._cache_name("cpu") != "cpu-a6c7ccdd16df"  # a change that changes the weights: another entry
 
 
 def test_a_checkpoint_older_than_the_new_fields_resumes(lm, tokenizer, tmp_path):
