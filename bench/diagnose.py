@@ -81,11 +81,10 @@ def oracle_features(scene: S.Scene) -> Tensor:
     objects = {o.shape: o for o in scene.objects}
     for k, (a, b) in enumerate(PAIRS):
         if a in objects and b in objects:
-            oa, ob = objects[a], objects[b]
-            relation = S._relation((oa.x, oa.y), (ob.x, ob.y), S.RADIUS[oa.size] + S.RADIUS[ob.size])
-            if relation is not None:
+            stated = S.relation(objects[a], objects[b])
+            if stated is not None:
                 pairs[k] = 0
-                pairs[k, S.RELATIONS.index(relation)] = 1
+                pairs[k, S.RELATIONS.index(stated)] = 1
     return torch.cat([slots.flatten(), pairs.flatten()])
 
 

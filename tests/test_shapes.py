@@ -16,7 +16,7 @@ import pytest
 
 from minivlm.data.shapes import (
     BACKGROUND, GAP, HELD_OUT_PAIRS, RADIUS, RELATIONS, RGB, SHAPES, SIZES, SPLITS, Obj, ParsedScene, Scene,
-    ShapesWorld, canonical, caption, describe, orders, parse_caption, questions, render, render_batch, sample_scene,
+    ShapesWorld, canonical, caption, describe, orders, parse_caption, relation, questions, render, render_batch, sample_scene,
     try_parse,
 )  # fmt: skip
 
@@ -219,6 +219,14 @@ def test_canonical_names_the_leftmost_object_first_and_is_one_caption_per_image(
         assert first in orders(scene) and canonical(first) == first
         assert all(canonical(t) == first for t in orders(scene))  # every true caption of an image: one canonical
         assert [o.x for o in first.objects][0] == min(o.x for o in scene.objects) or len(scene.objects) == 3
+
+
+def test_relation_reads_the_clear_relation_from_the_centres():
+    left, right = Obj("circle", "red", "small", 0.2, 0.5), Obj("square", "blue", "large", 0.8, 0.5)
+    top = Obj("triangle", "green", "small", 0.8, 0.1)
+    assert relation(left, right) == "to the left of" and relation(right, left) == "to the right of"
+    assert relation(top, right) == "above" and relation(right, top) == "below"
+    assert relation(left, Obj("square", "blue", "small", 0.25, 0.5)) is None  # too close to be clear
 
 
 def test_canonical_refuses_objects_with_no_clear_relation():

@@ -34,7 +34,7 @@ from einops import rearrange, reduce
 __all__ = [
     "COLOURS", "SHAPES", "SIZES", "RELATIONS", "HELD_OUT_PAIRS", "RGB", "BACKGROUND", "SPLITS", "RADIUS",
     "MIN_IMAGE_SIZE", "Obj", "Scene", "ParsedScene", "caption", "describe", "parse_caption", "try_parse",
-    "questions", "orders", "canonical", "sample_scene", "render", "render_batch", "ShapesWorld",
+    "questions", "relation", "orders", "canonical", "sample_scene", "render", "render_batch", "ShapesWorld",
 ]  # fmt: skip
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
@@ -229,6 +229,11 @@ def _layout(rng: np.random.Generator, radii: list[float]) -> tuple[list[tuple[fl
     raise RuntimeError(f"no layout found for radii {radii}")
 
 
+def relation(a: Obj, b: Obj) -> str | None:
+    """The relation object `a` clearly stands in to object `b` ("to the left of", ...), or None: the world's rule."""
+    return _relation((a.x, a.y), (b.x, b.y), RADIUS[a.size] + RADIUS[b.size])
+
+
 def orders(scene: Scene) -> list[Scene]:
     """The scene told in every order of its objects in which each neighbouring pair stands in one clear relation.
 
@@ -238,8 +243,7 @@ def orders(scene: Scene) -> list[Scene]:
     """
     told = []
     for objects in itertools.permutations(scene.objects):
-        relations = tuple(_relation((a.x, a.y), (b.x, b.y), RADIUS[a.size] + RADIUS[b.size])
-                          for a, b in zip(objects, objects[1:]))  # fmt: skip
+        relations = tuple(relation(a, b) for a, b in zip(objects, objects[1:]))
         if None not in relations:
             told.append(Scene(objects, relations))
     return told
