@@ -26,7 +26,7 @@ Run from the repository root:
     .venv/bin/python bench/diagnose.py            # the cpu preset (about 4 minutes on 2 threads; the two oracles take 3)
     .venv/bin/python bench/diagnose.py --quick    # the tiny preset: seconds, proves the script runs
     .venv/bin/python bench/diagnose.py --oracle-mapper linear --oracle-prefix 16   # another mapper for the oracle
-    .venv/bin/python bench/diagnose.py --oracle-captions canonical   # the oracles learn one caption per image
+    .venv/bin/python bench/diagnose.py --oracle-captions shuffled    # the oracles learn captions in random orders
     .venv/bin/python bench/diagnose.py --json out.json
 """
 
@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -154,16 +155,25 @@ def confusion(predictions: Sequence[str], scenes: Sequence[S.Scene]) -> dict[str
     return table
 
 
+def training_captions(scenes: Sequence[S.Scene], shuffled: bool, seed: int) -> list[str]:
+    """The world's caption of each scene, or (shuffled) a random one of its true captions, drawn under `seed`."""
+    if shuffled:
+        rng = np.random.default_rng(seed)
+        scenes = [(told := S.orders(sc))[rng.integers(len(told))] for sc in scenes]
+    return [S.caption(sc) for sc in scenes]
+
+
 def train_oracle(
-    config, lm: nn.Module, tokenizer, progress: bool = False, train_lm: bool = False, canonical: bool = False
+    config, lm: nn.Module, tokenizer, progress: bool = False, train_lm: bool = False, shuffled: bool = False
 ) -> Captioner:
     """The oracle captioner: OracleEncoder and a fresh mapper, trained with the preset's recipe against the LM.
 
     train_lm=True is the control: a copy of the LM is fine-tuned along with the mapper (the `lm` passed
     in stays frozen and unchanged). Frozen against fine-tuned, with the same perfect features, tells
     whether what the oracle cannot say is out of reach of the LM's weights or only of its input prefix.
-    canonical=True trains on each scene's canonical caption (`S.canonical`: the leftmost object first)
-    instead of the world's, which names the objects in a random order.
+    shuffled=True tells each training scene in a random one of its true orders (`S.orders`) instead of the
+    world's one canonical order (the leftmost object first), as the world itself did before: the control
+    that shows what one caption per image is worth.
     """
     torch.manual_seed(config.seed)
     c = config.captioner
@@ -174,7 +184,7 @@ def train_oracle(
     world = S.ShapesWorld("train", c.image_size, config.data_seed, config.train_images)
     scenes = [world.scene(i) for i in range(len(world))]
     features = torch.stack([oracle_features(sc) for sc in scenes])  # (N, F)
-    captions = [S.caption(S.canonical(sc) if canonical else sc) for sc in scenes]
+    captions = training_captions(scenes, shuffled, config.seed)
     collate = CaptionCollator(tokenizer, config.max_length)
     trained = captioner.trainable_parameters()  # the mapper's (and the LM copy's, with train_lm)
     decay = [p for p in trained if p.ndim >= 2]
@@ -221,9 +231,9 @@ def main() -> None:
     parser.add_argument("--oracle-mapper", default=None, help="the oracle's mapper kind (default: the preset's)")
     parser.add_argument("--oracle-prefix", type=int, default=None,
                         help="the oracle's prefix length P (default: the preset's)")  # fmt: skip
-    parser.add_argument("--oracle-captions", choices=("world", "canonical"), default="world",
-                        help="the oracles' training captions: the world's (objects in a random order, the default) "
-                             "or one canonical caption per image (the leftmost object first)")
+    parser.add_argument("--oracle-captions", choices=("world", "shuffled"), default="world",
+                        help="the oracles' training captions: the world's, one per image (the leftmost object "
+                             "first; the default), or each scene in a random one of its true orders")
     parser.add_argument("--quick", action="store_true", help="the tiny preset, few images and steps: a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
@@ -281,9 +291,9 @@ def main() -> None:
     config = replace(config, captioner=replace(config.captioner, **{k: v for k, v in changes.items() if v is not None}))
     results["oracle_captioner"] = {"mapper": config.captioner.mapper, "prefix_length": config.captioner.prefix_length}
     start = time.perf_counter()
-    canonical = args.oracle_captions == "canonical"
+    shuffled = args.oracle_captions == "shuffled"
     results["oracle_captions"] = args.oracle_captions
-    oracle = train_oracle(config, lm, tokenizer, progress=not args.quick, canonical=canonical)
+    oracle = train_oracle(config, lm, tokenizer, progress=not args.quick, shuffled=shuffled)
     results["oracle_seconds"] = round(time.perf_counter() - start, 1)
     features = torch.stack([oracle_features(sc) for sc in test_scenes])
     results["oracle"] = by_objects(generate(oracle, features, tokenizer, config.max_length), test_scenes)
@@ -294,7 +304,7 @@ def main() -> None:
 
     # 4. the control: the same oracle with the LM fine-tuned as well
     start = time.perf_counter()
-    tuned = train_oracle(config, lm, tokenizer, progress=not args.quick, train_lm=True, canonical=canonical)
+    tuned = train_oracle(config, lm, tokenizer, progress=not args.quick, train_lm=True, shuffled=shuffled)
     results["oracle_lm_tuned_seconds"] = round(time.perf_counter() - start, 1)
     results["oracle_lm_tuned"] = by_objects(generate(tuned, features, tokenizer, config.max_length), test_scenes)
     print_scores(f"4. the same oracle with the LM fine-tuned too (the control; {results['oracle_lm_tuned_seconds']:.0f} s)",

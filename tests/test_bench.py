@@ -152,10 +152,10 @@ def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
 
 
 def test_diagnose_quick_run_prints_the_four_measurements(tmp_path):
-    stdout, results = quick_run("diagnose.py", tmp_path, "--oracle-captions", "canonical")
+    stdout, results = quick_run("diagnose.py", tmp_path, "--oracle-captions", "shuffled")
     for heading in ("1. the course captioner", "2. linear probes", "3. the oracle vision side", "4. the same oracle"):
         assert heading in stdout
-    assert results["oracle_captions"] == "canonical" and "canonical captions" in stdout
+    assert results["oracle_captions"] == "shuffled" and "shuffled captions" in stdout
     for part in ("captioner", "oracle", "oracle_lm_tuned"):
         table = results[part]
         assert set(table) <= {"all", "1 object", "2 objects", "3 objects"} and "all" in table
@@ -234,3 +234,17 @@ def test_diagnose_oracle_fine_tunes_a_copy_of_the_lm_and_leaves_the_frozen_one_a
     assert not any(p.requires_grad for p in lm.parameters())
     moved = [k for k, v in tuned.lm.state_dict().items() if not torch.equal(before[k], v)]
     assert moved and all(p.requires_grad for p in tuned.lm.parameters())  # the copy did train
+
+
+def test_diagnose_shuffled_captions_are_true_captions_in_random_orders(monkeypatch):
+    bench = load_bench("diagnose.py", monkeypatch)
+    from minivlm.data import shapes as S
+    from minivlm.evaluate import true_captions
+
+    scenes = [S.sample_scene("train", 0, i) for i in range(200)]
+    assert bench.training_captions(scenes, False, 0) == [S.caption(sc) for sc in scenes]
+    shuffled = bench.training_captions(scenes, True, 0)
+    assert shuffled == bench.training_captions(scenes, True, 0)  # the same draw under the same seed
+    assert all(c in true_captions(sc) for c, sc in zip(shuffled, scenes))
+    moved = sum(c != S.caption(sc) for c, sc in zip(shuffled, scenes))
+    assert 50 < moved < 150  # multi-object scenes (two in three) in another order about half the time or more
