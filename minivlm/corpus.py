@@ -19,6 +19,15 @@ corpus holds documents that are only predictable by reading back:
   tell " small" from " large" can leave them all but the same vector, which no prefix can then pick
   apart. Real text is full of such facts; our small corpus has to say them on purpose.
 
+How much of each: copying and facts are what the captioner needs most, so the default mix has four
+"repeat" and six "fact" documents for each one of the other kinds. Measured with `bench/lm.py`'s copy
+probe (a caption, then " a": is the caption said again word for word?) on LMs pretrained for the same
+1000 steps: with every kind equally common the LM copied 8% of test captions, and named the copied
+shape right 29% of the time (chance is 25%): its shape words had stayed all but one vector (cosine
+similarity 0.81), so an induction head that found the earlier " circle" could not say it again. With
+this mix it copied 84% of captions and 95% of their shapes (similarity 0.58). More "repeat" alone
+(four, with one "fact") copied colours but not shapes (10% of captions); the facts made the difference.
+
 Made-up words are drawn fresh for every document ("kumo vefasi ..."), so no name can be memorised: the
 only way to predict it is to find it earlier in the context. Every document is a pure function of
 (seed, index), like the shapes world's samples.
@@ -65,8 +74,8 @@ class CorpusConfig:
     """How the corpus is mixed; the defaults are what the course's LM is pretrained on."""
 
     mix: dict[str, float] = field(
-        default_factory=lambda: {"caption": 1.0, "repeat": 1.0, "qa": 1.0, "binding": 1.0, "drill": 1.0, "fact": 1.0}
-    )  # relative frequency of each document kind in KINDS
+        default_factory=lambda: {"caption": 1.0, "repeat": 4.0, "qa": 1.0, "binding": 1.0, "drill": 1.0, "fact": 6.0}
+    )  # relative frequency of each document kind in KINDS (the module docstring says why these weights)
     seed: int = 0  # with a document's index, fixes its text
     strict: bool = False  # True: no held-out colour–shape pair appears anywhere in the text
 
