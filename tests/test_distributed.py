@@ -283,12 +283,14 @@ def test_gpu_preset_offline_is_one_clear_error(tmp_path, capsys):
 def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
     """precision, compile, workers and prefetch came after the cache: at their defaults, the names it had before.
 
-    The names below are those of CAPTIONER_CACHE_VERSION 2 (canonical captions), which renamed every entry on purpose.
+    The names below are those of CAPTIONER_CACHE_VERSION 2 (canonical captions) with the corpus mix of 2026-11-24
+    (more repeats and facts, which changed the course LMs) and the cpu preset's 2,000 steps: each renamed every
+    entry on purpose.
     """
     assert T.CAPTIONER_CACHE_VERSION == 2
-    assert T._cache_name("tiny") == "tiny-819ecdb3976e" and T._cache_name("cpu") == "cpu-a6c7ccdd16df"
+    assert T._cache_name("tiny") == "tiny-86564eda7c45" and T._cache_name("cpu") == "cpu-99bc2ca5ef92"
     monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(T.TRAIN_PRESETS["cpu"], precision="bf16"))
-    assert T._cache_name("cpu") != "cpu-a6c7ccdd16df"  # a change that changes the weights: another entry
+    assert T._cache_name("cpu") != "cpu-99bc2ca5ef92"  # a change that changes the weights: another entry
 
 
 def test_a_checkpoint_older_than_the_new_fields_resumes(lm, tokenizer, tmp_path):
