@@ -13,7 +13,7 @@ Each row runs in a fresh process, so its peak resident memory (CPU) or peak allo
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
 
 Run from the repository root:
-    .venv/bin/python bench/captioner.py --table controls              # 3 runs of the cpu preset (about 12 minutes)
+    .venv/bin/python bench/captioner.py --table controls              # 3 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --table ablation --steps 400  # 12 shorter runs
     .venv/bin/python bench/captioner.py --quick                       # both tables on the tiny preset: seconds
 """

@@ -23,7 +23,7 @@ far behind colour and size). Four measurements locate each kind of error:
    know how to; what fails is steering them through an input prefix alone.
 
 Run from the repository root:
-    .venv/bin/python bench/diagnose.py            # the cpu preset (about 4 minutes on 2 threads; the two oracles take 3)
+    .venv/bin/python bench/diagnose.py            # the cpu preset (10 minutes on 2 threads once the captioner is cached)
     .venv/bin/python bench/diagnose.py --quick    # the tiny preset: seconds, proves the script runs
     .venv/bin/python bench/diagnose.py --oracle-mapper linear --oracle-prefix 16   # another mapper for the oracle
     .venv/bin/python bench/diagnose.py --oracle-captions shuffled    # the oracles learn captions in random orders
