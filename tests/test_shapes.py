@@ -16,8 +16,8 @@ import pytest
 
 from minivlm.data.shapes import (
     BACKGROUND, GAP, HELD_OUT_PAIRS, RADIUS, RELATIONS, RGB, SHAPES, SIZES, SPLITS, Obj, ParsedScene, Scene,
-    ShapesWorld, canonical, caption, describe, orders, parse_caption, relation, questions, render, render_batch, sample_scene,
-    try_parse,
+    ShapesWorld, canonical, caption, describe, orders, parse_caption, questions, relation, render, render_batch,
+    sample_scene, try_parse,
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
