@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["CNNConfig", "CNN_PRESETS", "ENCODERS", "check_images", "SmallCNN", "ResNetTrunk", "build_encoder"]
+__all__ = ["CNNConfig", "CNN_PRESETS", "ENCODERS", "check_images", "ResidualBlock", "SmallCNN", "ResNetTrunk", "build_encoder"]
 
 ENCODERS = ("cnn", "resnet18")  # the names build_encoder knows
 
