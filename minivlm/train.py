@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from minivlm import distributed
 from minivlm.captioner import CAPTIONER_PRESETS, Captioner, CaptionerConfig
+from minivlm.cnn import CNN_PRESETS
 from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
@@ -384,8 +385,9 @@ def load_captioner(out_dir: str | Path, lm: nn.Module | None = None) -> Captione
 def _cache_name(preset: str) -> str:
     """The cache entry of a preset's captioner: the preset and 12 hex digits of a hash of what decides its weights.
 
-    That is its TrainConfig (ADDED_FIELDS only where they differ from their defaults), the LM's
-    identity (for the course LM, its own cache key) and CAPTIONER_CACHE_VERSION.
+    That is its TrainConfig (ADDED_FIELDS only where they differ from their defaults), the shape of its
+    CNN preset (the config names the preset only), the LM's identity (for the course LM, its own cache
+    key) and CAPTIONER_CACHE_VERSION.
     """
     from minivlm.lm import LM_PRESETS, cache_key
 
@@ -393,7 +395,10 @@ def _cache_name(preset: str) -> str:
     name, _, lm_preset = config.lm.partition(":")
     lm_identity = cache_key(LM_PRESETS[lm_preset or "cpu"]) if name == "course" else config.lm
     fields = {k: v for k, v in config.to_dict().items() if k not in ADDED_FIELDS or v != getattr(TrainConfig, k)}
-    text = json.dumps({"version": CAPTIONER_CACHE_VERSION, "lm": lm_identity, "train": fields}, sort_keys=True)
+    c = config.captioner
+    cnn = asdict(CNN_PRESETS[c.cnn_preset]) if c.encoder == "cnn" else None
+    text = json.dumps({"version": CAPTIONER_CACHE_VERSION, "lm": lm_identity, "cnn": cnn, "train": fields},
+                      sort_keys=True)  # fmt: skip
     return f"{preset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 

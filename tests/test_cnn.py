@@ -57,6 +57,17 @@ def test_residual_blocks_start_as_the_identity():
     assert_close(blocks[0](x), x)  # x is non-negative, so relu(x + 0) = x
 
 
+def test_stem_runs_at_full_resolution():
+    """stem=C puts a stride-1 convolution with C channels before the first stage; F and the grid stay the same."""
+    config = replace(TINY, stem=8)
+    encoder = SmallCNN(config)
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert (convs[0].in_channels, convs[0].out_channels, convs[0].stride) == (3, 8, (1, 1))
+    assert (convs[1].in_channels, convs[1].stride) == (8, (2, 2))  # the first stage now reads the stem
+    assert len(convs) == len([m for m in SmallCNN(TINY).modules() if isinstance(m, torch.nn.Conv2d)]) + 1
+    assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, encoder.out_dim) == (2, SmallCNN(TINY).out_dim)
+
+
 def test_cpu_preset_size():
     """The course's encoder: 1.1 M parameters, F = 160 * 4 * 4 features, at 32 and 64 pixels alike."""
     for size in (32, 64):
@@ -81,6 +92,10 @@ def test_integer_images_are_an_error():
 def test_bad_configs_are_errors():
     with pytest.raises(ValueError, match="divisible by groups"):
         CNNConfig(widths=(12, 16), blocks=(1, 1))
+    with pytest.raises(ValueError, match="stem=12 must be divisible by groups"):
+        CNNConfig(stem=12)
+    with pytest.raises(ValueError, match="stem must be >= 0"):
+        CNNConfig(stem=-8)
     with pytest.raises(ValueError, match="same, non-zero number of stages"):
         CNNConfig(widths=(8, 16), blocks=(1,))
     with pytest.raises(ValueError, match="does not divide into a 4 x 4 grid"):

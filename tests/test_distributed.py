@@ -284,13 +284,23 @@ def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
     """precision, compile, workers and prefetch came after the cache: at their defaults, the names it had before.
 
     The names below are those of CAPTIONER_CACHE_VERSION 2 (canonical captions) with the corpus mix of 2026-11-24
-    (more repeats and facts, which changed the course LMs) and the cpu preset's 2,000 steps: each renamed every
-    entry on purpose.
+    (more repeats and facts, which changed the course LMs), the cpu preset's 2,000 steps, and the CNN preset's
+    shape in the key (2026-11-24, when `CNNConfig.stem` came): each renamed every entry on purpose.
     """
     assert T.CAPTIONER_CACHE_VERSION == 2
-    assert T._cache_name("tiny") == "tiny-86564eda7c45" and T._cache_name("cpu") == "cpu-99bc2ca5ef92"
+    assert T._cache_name("tiny") == "tiny-ddc77d005b23" and T._cache_name("cpu") == "cpu-8af910b93de9"
     monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(T.TRAIN_PRESETS["cpu"], precision="bf16"))
-    assert T._cache_name("cpu") != "cpu-99bc2ca5ef92"  # a change that changes the weights: another entry
+    assert T._cache_name("cpu") != "cpu-8af910b93de9"  # a change that changes the weights: another entry
+
+
+def test_the_cnn_presets_shape_is_part_of_the_cache_name(monkeypatch):
+    """The config names its CNN preset only; a preset whose layers change must not load the old weights."""
+    from minivlm import cnn
+
+    before = T._cache_name("cpu")
+    cpu = cnn.CNN_PRESETS["cpu"]
+    monkeypatch.setitem(cnn.CNN_PRESETS, "cpu", replace(cpu, stem=0 if cpu.stem else 8))
+    assert T._cache_name("cpu") != before
 
 
 def test_a_checkpoint_older_than_the_new_fields_resumes(lm, tokenizer, tmp_path):
