@@ -16,7 +16,12 @@ the point), then probes it with text alone (`minivlm.probes`):
 Run from the repository root:
     .venv/bin/python bench/lm.py               # the "cpu" preset: the course's LM (about 5 minutes)
     .venv/bin/python bench/lm.py --quick       # the "tiny" preset, seconds: proves the script runs
+    .venv/bin/python bench/lm.py --seed 1      # the same recipe from another init and batch order
     .venv/bin/python bench/lm.py --json out.json
+
+Copying forms abruptly during pretraining (induction heads appear in a phase change, Olsson et al.,
+2022), so whether it has formed by the last of 1,000 steps can depend on the seed: `--seed` measures
+how much.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
@@ -41,20 +47,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the tiny preset and few probes: a smoke run")
     parser.add_argument("--episodes", type=int, default=200, help="prompts per probe (default: 200)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the LM's seed: its init and batch order (default: the preset's)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
     preset, n = ("tiny", 20) if args.quick else (args.preset, args.episodes)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"course LM preset {preset!r}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")  # fmt: skip
+    config = LM_PRESETS[preset] if args.seed is None else replace(LM_PRESETS[preset], seed=args.seed)
+    print(f"course LM preset {preset!r}, seed {config.seed}; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {platform.processor() or platform.machine()}")  # fmt: skip
 
     start = time.perf_counter()
-    model, tokenizer, stats = pretrain(preset, progress=False)
+    model, tokenizer, stats = pretrain(config, progress=False)
     seconds = time.perf_counter() - start  # tokenizer, token stream and training
-    config = LM_PRESETS[preset]
     results = {
         "preset": preset,
+        "seed": config.seed,
         "params": stats["params"],
         "tokens_seen": stats["tokens_seen"],
         "pretrain_seconds": round(seconds, 1),

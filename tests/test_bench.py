@@ -40,6 +40,8 @@ def test_lm_benchmark_quick_run_prints_every_number(tmp_path):
     assert results["preset"] == "tiny" and results["heldout_perplexity"] > 1
     ways = {(row["ways"], row["task_induction"]) for row in results["binding"]}
     assert ways == {(2, True), (2, False), (5, True), (5, False)}
+    _, other = quick_run("lm.py", tmp_path, "--seed", "1")  # another init and batch order: another model
+    assert (results["seed"], other["seed"]) == (0, 1) and other["heldout_perplexity"] != results["heldout_perplexity"]
 
 
 def test_captioner_benchmark_quick_run_prints_the_controls(tmp_path):
