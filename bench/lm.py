@@ -7,6 +7,8 @@ the point), then probes it with text alone (`minivlm.probes`):
 - perplexity on held-out corpus documents (never trained on);
 - copy accuracy: "CAPTION." continued by " CAPTION." exactly, on test-split captions, and on
   held-out-split captions (colour–shape pairs no training *image* has; the default corpus does name them);
+- list copy: a list of 4-11 distinct words in random order said again (`probes.list_copy_accuracy`):
+  copying *tokens*, which only an induction head does, where a caption can be copied partly by its grammar;
 - the copies read back attribute by attribute (sentence shape vs content words), and how similar the
   embeddings of interchangeable words are (" red" vs " blue": 1.0 means the LM cannot tell them apart);
 - N-way fast binding (Frozen's task, in text): 2-way and 5-way, 1 shot, with and without task
@@ -36,7 +38,9 @@ import torch
 
 from minivlm.data import shapes as S
 from minivlm.lm import LM_PRESETS, evaluate_perplexity, heldout_texts, pretrain
-from minivlm.probes import answer_accuracy, binding_accuracy, copy_accuracy, copy_attribute_scores, word_similarity
+from minivlm.probes import (
+    answer_accuracy, binding_accuracy, copy_accuracy, copy_attribute_scores, list_copy_accuracy, word_similarity,
+)  # fmt: skip
 
 TARGET_SECONDS = 300  # pretraining on 2 CPU cores
 
@@ -72,6 +76,7 @@ def main() -> None:
         "copy_test": copy_accuracy(model, tokenizer, [S.caption(S.sample_scene("test", 0, i)) for i in range(n)]),
         "copy_heldout": copy_accuracy(model, tokenizer, [S.caption(S.sample_scene("heldout", 0, i)) for i in range(n)]),
         "copy_attributes": copy_attribute_scores(model, tokenizer, [S.caption(S.sample_scene("test", 0, i)) for i in range(n)]),
+        "list_copy": list_copy_accuracy(model, tokenizer, episodes=n),
         "word_similarity": word_similarity(model, tokenizer),
         "answer": answer_accuracy(model, tokenizer, [S.sample_scene("test", 0, i) for i in range(n)]),
         "binding": [
@@ -89,6 +94,7 @@ def main() -> None:
     print(f"copy, held-out pairs   {results['copy_heldout']:>10.1%}")
     a = results["copy_attributes"]
     print("copy, per attribute    " + ", ".join(f"{k} {a[k]:.0%}" for k in ("count", "relation", "size", "colour", "shape")))
+    print(f"list copy (induction)  {results['list_copy']:>10.1%}   (distinct words in random order)")
     w = results["word_similarity"]
     print("word similarity        " + ", ".join(f"{k}s {v:.2f}" for k, v in w.items()) + "   (cosine; 1 = merged)")
     print(f"question answering     {results['answer']:>10.1%}")

@@ -10,9 +10,12 @@ corpus holds documents that are only predictable by reading back:
 - "binding": descriptions, each followed by a made-up name ("a small red circle. this is a dax."),
   then a new description of the same kind, whose name can only come from the earlier lines: in-context
   name binding, the skill Frozen's few-shot results rest on (Tsimpoukelli et al., 2021, section 4.2);
-- "drill": a list of made-up words said again: copying tokens never seen in that order before, which
-  builds "induction heads" (Olsson et al., 2022), the attention pattern that finds the earlier copy of
-  the current token and predicts what followed it;
+- "drill": a list of made-up words said again: copying tokens never seen in that order before, meant
+  to build "induction heads" (Olsson et al., 2022), the attention pattern that finds the earlier copy of
+  the current token and predicts what followed it. Measured, it does not yet: the course LM does not copy
+  lists (`probes.list_copy_accuracy`, in `bench/lm.py`). One reason: with 512 tokens, made-up words fall
+  apart into one- and two-letter pieces (" kumo" is " k" "u" "mo") that recur within a list, so "the
+  earlier copy of the current token" is often several places, followed by different things;
 - "fact": what things in the world look like ("a whale is large. grass is green. a wheel is a
   circle."): the only documents in which *which* size, colour or shape comes next follows from the
   words alone. Everywhere else the words of a kind are interchangeable, and an LM that never has to

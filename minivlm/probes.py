@@ -10,6 +10,11 @@ directly, with greedy decoding (`minivlm.decoding.greedy`), before any image is 
   does it say " dax."? Names are drawn fresh for each episode, so only the context can tell (Frozen's
   fast-binding task, Tsimpoukelli et al., 2021, in text); chance is 1 / ways.
 - answer: after "<caption> q: what colour is the circle? a:" does it say the right colour?
+- list copy: after "wug red dax small circle. wug red" does it go on " dax small circle."? Lists of
+  distinct words of the world and the binding names, in random order and of random length, so neither
+  grammar nor a fixed distance says what comes next: only finding the earlier copy of the current word
+  and saying what followed it, an induction head's work (Olsson et al., 2022). A caption can be copied
+  partly by its grammar; this probe says whether the LM copies *tokens*.
 - copy, per attribute: the copies read back by the caption parser (`minivlm.evaluate`): an LM can
   copy a sentence's *shape* (how many objects, which links) by position alone, and still lose the
   content words (colour, shape, size), which are what a visual prefix has to get across.
@@ -30,13 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from minivlm.corpus import binding_prompt
+from minivlm.corpus import NAMES, binding_prompt
 from minivlm.data import shapes as S
 from minivlm.decoding import greedy
 
 __all__ = ["complete", "accuracy", "copy_accuracy", "copy_attribute_scores", "binding_accuracy", "answer_accuracy",
+           "LIST_WORDS", "list_copy_accuracy",
            "WORD_GROUPS", "word_similarity"]  # fmt: skip
 
+LIST_WORDS = (*S.SIZES, *S.COLOURS, *S.SHAPES, *NAMES)  # the list-copy probe's words
 WORD_GROUPS = {"size": S.SIZES, "colour": S.COLOURS, "shape": S.SHAPES}  # words a caption uses interchangeably
 
 
@@ -127,4 +134,19 @@ def answer_accuracy(model: nn.Module, tokenizer, scenes: Sequence[S.Scene], seed
         question, answer = pairs[rng.integers(len(pairs))]
         prompts.append(f"{S.caption(scene)} q: {question} a:")
         targets.append(f" {answer}.")
+    return accuracy(model, tokenizer, prompts, targets)
+
+
+def list_copy_accuracy(model: nn.Module, tokenizer, *, episodes: int = 200, seed: int = 0) -> float:
+    """After a list of 4-11 distinct words and its first 1-3 words again, is the rest of the list said, word for word?
+
+    The words come from LIST_WORDS in a fresh random order each time; the answer ends with the list's '.'.
+    """
+    rng = np.random.default_rng([seed, 4])
+    prompts, targets = [], []
+    for _ in range(episodes):
+        words = [LIST_WORDS[j] for j in rng.permutation(len(LIST_WORDS))[: int(rng.integers(4, 12))]]
+        given = int(rng.integers(1, 4))
+        prompts.append(f"{' '.join(words)}. {' '.join(words[:given])}")
+        targets.append(f" {' '.join(words[given:])}.")
     return accuracy(model, tokenizer, prompts, targets)

@@ -12,7 +12,8 @@ from torch import nn
 from minivlm.corpus import CorpusConfig, documents
 from minivlm.data import shapes as S
 from minivlm.probes import (
-    answer_accuracy, binding_accuracy, complete, copy_accuracy, copy_attribute_scores, word_similarity,
+    LIST_WORDS, answer_accuracy, binding_accuracy, complete, copy_accuracy, copy_attribute_scores, list_copy_accuracy,
+    word_similarity,
 )  # fmt: skip
 from minivlm.tokenizer import train_tokenizer
 
@@ -101,6 +102,23 @@ def test_answer_probe(tokenizer):
     truth = {f"{S.caption(s)} q: {q} a:": f" {a}." for s in scenes for q, a in S.questions(s)}
     assert answer_accuracy(Oracle(tokenizer, truth.__getitem__), tokenizer, scenes) == 1.0
     assert answer_accuracy(Oracle(tokenizer, lambda p: " yes."), tokenizer, scenes) < 0.3
+
+
+def rest_of_list(prompt: str) -> str:
+    """The induction rule: find the earlier copy of the words said so far and go on from there."""
+    listed, again = prompt.split(". ")
+    words, said = listed.split(), again.split()
+    return " " + " ".join(words[len(said) :]) + "."
+
+
+def test_list_copy_probe(tokenizer):
+    assert list_copy_accuracy(Oracle(tokenizer, rest_of_list), tokenizer, episodes=100) == 1.0
+    # plausible wrong rules: the grammar of a caption; the list from its start; one word too few
+    assert list_copy_accuracy(Oracle(tokenizer, lambda p: " small red circle."), tokenizer, episodes=100) == 0.0
+    assert list_copy_accuracy(Oracle(tokenizer, lambda p: " " + p.split(". ")[0] + "."), tokenizer, episodes=100) == 0.0
+    drop_last = lambda p: rest_of_list(p).rsplit(" ", 1)[0] + "."  # noqa: E731
+    assert list_copy_accuracy(Oracle(tokenizer, drop_last), tokenizer, episodes=100) < 0.05
+    assert len(set(LIST_WORDS)) == len(LIST_WORDS)  # distinct words: the earlier copy of each is unique
 
 
 def test_a_prompt_longer_than_the_context_is_refused(tokenizer):
