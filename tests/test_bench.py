@@ -34,8 +34,8 @@ def test_core_benchmark_quick_run_prints_every_ratio(tmp_path):
 
 def test_lm_benchmark_quick_run_prints_every_number(tmp_path):
     stdout, results = quick_run("lm.py", tmp_path)
-    for line in ("pretraining time", "held-out perplexity", "copy, test captions", "copy, per attribute", "list copy", "word similarity",
-                 "2-way, with task induction"):
+    for line in ("pretraining time", "held-out perplexity", "copy, test captions", "copy, per attribute", "list copy",
+                 "word similarity", "2-way, with task induction"):
         assert line in stdout
     assert results["preset"] == "tiny" and results["heldout_perplexity"] > 1
     assert 0 <= results["list_copy"] <= 1
