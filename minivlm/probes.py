@@ -24,7 +24,13 @@ directly, with greedy decoding (`minivlm.decoding.greedy`), before any image is 
   " blue" apart cannot copy one of them either.
 
 A probe scores an answer right only if the continuation starts with exactly the expected text, the
-closing "." included. Works with our GPT2 and transformers' GPT2LMHeadModel.
+closing "." included. Every prompt starts with <|endoftext|>, as every text the course LM was trained on
+does (`minivlm.lm.token_stream` packs "<|endoftext|> document <|endoftext|> ...", and its training
+windows begin at those tokens): position 0 of the course LM has only ever held <|endoftext|>, and a
+prompt without it asks the LM about text it has never seen. It matters: an LM that copies lists and
+captions almost perfectly after <|endoftext|> can copy next to none of them without it. GPT-2's own
+tokenizer adds no such token either, but GPT-2 was trained on windows that start anywhere.
+Works with our GPT2 and transformers' GPT2LMHeadModel.
 """
 
 from __future__ import annotations
@@ -49,14 +55,18 @@ WORD_GROUPS = {"size": S.SIZES, "colour": S.COLOURS, "shape": S.SHAPES}  # words
 
 @torch.no_grad()
 def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of `prompts` (batched, left-padded), each cut at <|endoftext|> or the context's end."""
+    """Greedy continuations of `prompts` (batched, left-padded), each cut at <|endoftext|> or the context's end.
+
+    Each prompt is read as a document is in pretraining: after <|endoftext|> (see the module docstring).
+    """
     context = model.config.n_positions
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True,
+        texts = [tokenizer.eos_token + p for p in prompts[i : i + batch_size]]  # the special token, not its letters
+        batch = tokenizer(texts, return_tensors="pt", padding=True,
                           padding_side="left", add_special_tokens=False)  # fmt: skip
         t = batch["input_ids"].shape[1]
         if t >= context:

@@ -29,7 +29,8 @@ class Oracle(nn.Module):
     """A stand-in LM that answers each prompt with `rule(prompt)`, one token per step, through greedy's cache API.
 
     Its "KV cache" is simply the tokens so far; a row's prompt is recognised as the longest text it starts with
-    that ends a prompt ('.', 'this is a', 'a:'), the way the probes build them.
+    that ends a prompt ('.', 'this is a', 'a:'), the way the probes build them. Like the course LM, it has only
+    ever read text that starts with <|endoftext|>, and refuses a prompt that does not.
     """
 
     def __init__(self, tokenizer, rule):
@@ -52,7 +53,9 @@ class Oracle(nn.Module):
         logits = torch.full((len(ids), 1, len(self.tokenizer)), -1e9)
         for b, (row, mask) in enumerate(zip(ids, attention_mask)):
             real = row[mask.bool()]
-            prompt = self.tokenizer.decode(real[: self.prompt_tokens[b]])
+            if real[0] != self.tokenizer.eos_token_id:
+                raise AssertionError(f"a prompt must start with <|endoftext|>, as pretraining text does: {real[:5]}")
+            prompt = self.tokenizer.decode(real[1 : self.prompt_tokens[b]])
             answer = [*self.tokenizer(self.rule(prompt), add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
             done = len(real) - int(self.prompt_tokens[b])
             logits[b, 0, answer[min(done, len(answer) - 1)]] = 0.0
