@@ -22,8 +22,9 @@ Run from the repository root:
     .venv/bin/python bench/lm.py --json out.json
 
 Copying forms abruptly during pretraining (induction heads appear in a phase change, Olsson et al.,
-2022), so whether it has formed by the last of 1,000 steps can depend on the seed: `--seed` measures
-how much.
+2022), so whether it has formed by the last step can depend on the seed: `--seed` measures how much.
+Every probe reads its prompt after <|endoftext|>, as the LM read every pretraining window
+(`minivlm.probes`).
 """
 
 from __future__ import annotations

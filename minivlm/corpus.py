@@ -10,12 +10,13 @@ corpus holds documents that are only predictable by reading back:
 - "binding": descriptions, each followed by a made-up name ("a small red circle. this is a dax."),
   then a new description of the same kind, whose name can only come from the earlier lines: in-context
   name binding, the skill Frozen's few-shot results rest on (Tsimpoukelli et al., 2021, section 4.2);
-- "drill": a list of made-up words said again: copying tokens never seen in that order before, meant
-  to build "induction heads" (Olsson et al., 2022), the attention pattern that finds the earlier copy of
-  the current token and predicts what followed it. Measured, it does not yet: the course LM does not copy
-  lists (`probes.list_copy_accuracy`, in `bench/lm.py`). One reason: with 512 tokens, made-up words fall
-  apart into one- and two-letter pieces (" kumo" is " k" "u" "mo") that recur within a list, so "the
-  earlier copy of the current token" is often several places, followed by different things;
+- "drill": a list of distinct words in random order, said again ("wug red dax small circle. wug red dax
+  small circle."): copying tokens never seen in that order before, which no grammar predicts, builds
+  "induction heads" (Olsson et al., 2022), the attention pattern that finds the earlier copy of the
+  current token and predicts what followed it. The words are whole tokens (LIST_WORDS: the world's
+  sizes, colours and shapes, and the names), each at most once in a list, so the earlier copy of a
+  token is one place. Drills of made-up words did not build it: with 512 tokens they fall apart into
+  one- and two-letter pieces (" kumo" is " k" "u" "mo") that recur within a list;
 - "fact": what things in the world look like ("a whale is large. grass is green. a wheel is a
   circle."): the only documents in which *which* size, colour or shape comes next follows from the
   words alone. Everywhere else the words of a kind are interchangeable, and an LM that never has to
@@ -23,17 +24,15 @@ corpus holds documents that are only predictable by reading back:
   apart. Real text is full of such facts; our small corpus has to say them on purpose.
 
 How much of each: copying and facts are what the captioner needs most, so the default mix has four
-"repeat" and six "fact" documents for each one of the other kinds. `bench/lm.py` (2 CPU cores) measured
-its copy probe (a caption, then " a": is the caption said again, word for word?) on the course LM, with
-the same model and 1000 steps of training. With every kind equally common the LM copied 8% of test
-captions and named the copied shape right 29% of the time (chance is 25%): its shape words had stayed
-all but one vector (cosine similarity 0.81), so an induction head that found the earlier " circle" had
-no way to say it again. With this mix it copies 63% of captions, every shape and colour right (shapes'
-similarity 0.59); the relation is what it still gets wrong (68% right). The price: binding documents are
-rarer, and name binding, below chance before, fell further (2-way: 7%, from 12.5-17.5%).
+"repeat" and six "fact" documents for each caption, three drills and three binding documents. With every
+kind equally common, the course LM's shape words stayed all but one vector (cosine similarity 0.81),
+and an induction head that finds the earlier " circle" cannot say it again if " circle" and " square"
+are one vector; the facts pulled them apart. `bench/lm.py` measures what the mix gives; the README has
+the figures.
 
-Made-up words are drawn fresh for every document ("kumo vefasi ..."), so no name can be memorised: the
-only way to predict it is to find it earlier in the context. Every document is a pure function of
+Half of the binding documents name things with made-up words drawn fresh for the document ("kumo",
+"vefasi"), the other half with NAMES in a fresh pairing, so no name can be memorised: the only way to
+predict it is to find it earlier in the context. Every document is a pure function of
 (seed, index), like the shapes world's samples.
 
 The scenes come from the shapes world. `strict=True` keeps the held-out colour–shape pairs out of the
@@ -49,7 +48,7 @@ import numpy as np
 
 from minivlm.data import shapes as S
 
-__all__ = ["KINDS", "NAMES", "CorpusConfig", "made_up_word", "made_up_names", "document", "documents", "binding_prompt"]
+__all__ = ["KINDS", "NAMES", "LIST_WORDS", "CorpusConfig", "made_up_word", "made_up_names", "document", "documents", "binding_prompt"]
 
 KINDS = ("caption", "repeat", "qa", "binding", "drill", "fact")
 # Names in the style of the Frozen paper's miniImageNet tasks; half of all binding documents use these,
@@ -69,6 +68,9 @@ FACTS = {
     "triangle": ("sail", "roof", "pyramid face", "slice of cake", "warning sign", "coat hanger"),
     "diamond": ("kite", "playing card pip", "road sign", "rhombus", "gem", "harlequin patch"),
 }
+# "drill" documents (and the list-copy probe, `minivlm.probes.list_copy_accuracy`) list these words:
+# every one a single token of the course tokenizer, and all distinct.
+LIST_WORDS = (*S.SIZES, *S.COLOURS, *S.SHAPES, *NAMES)
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 
@@ -78,7 +80,7 @@ class CorpusConfig:
     """How the corpus is mixed; the defaults are what the course's LM is pretrained on."""
 
     mix: dict[str, float] = field(
-        default_factory=lambda: {"caption": 1.0, "repeat": 4.0, "qa": 1.0, "binding": 1.0, "drill": 1.0, "fact": 6.0}
+        default_factory=lambda: {"caption": 1.0, "repeat": 4.0, "qa": 1.0, "binding": 3.0, "drill": 3.0, "fact": 6.0}
     )  # relative frequency of each document kind in KINDS (the module docstring says why these weights)
     seed: int = 0  # with a document's index, fixes its text
     strict: bool = False  # True: no held-out colour–shape pair appears anywhere in the text
@@ -192,7 +194,7 @@ def document(config: CorpusConfig, index: int) -> str:
         return f"{prompt} {name}."
     if kind == "fact":
         return " ".join(_fact(rng) for _ in range(int(rng.integers(2, 6))))
-    words = " ".join(made_up_word(rng) for _ in range(int(rng.integers(4, 12))))  # drill
+    words = " ".join(LIST_WORDS[j] for j in rng.permutation(len(LIST_WORDS))[: int(rng.integers(4, 12))])  # drill
     return f"{words}. {words}."
 
 

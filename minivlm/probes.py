@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from minivlm.corpus import NAMES, binding_prompt
+from minivlm.corpus import LIST_WORDS, binding_prompt
 from minivlm.data import shapes as S
 from minivlm.decoding import greedy
 
@@ -49,7 +49,6 @@ __all__ = ["complete", "accuracy", "copy_accuracy", "copy_attribute_scores", "bi
            "LIST_WORDS", "list_copy_accuracy",
            "WORD_GROUPS", "word_similarity"]  # fmt: skip
 
-LIST_WORDS = (*S.SIZES, *S.COLOURS, *S.SHAPES, *NAMES)  # the list-copy probe's words
 WORD_GROUPS = {"size": S.SIZES, "colour": S.COLOURS, "shape": S.SHAPES}  # words a caption uses interchangeably
 
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from minivlm.corpus import FACTS, KINDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word
+from minivlm.corpus import FACTS, KINDS, LIST_WORDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word
 from minivlm.data import shapes as S
 
 PHRASE = re.compile(rf"a ({'|'.join(S.SIZES)}) ({'|'.join(S.COLOURS)}) ({'|'.join(S.SHAPES)})")
@@ -21,12 +21,12 @@ def test_documents_are_a_pure_function_of_config_and_index():
 
 
 def test_the_default_mix_holds_every_kind_in_its_share():
-    n = 1400  # the default weights sum to 14: about 100 documents per unit of weight
+    n = 1800  # the default weights sum to 18: about 100 documents per unit of weight
     docs = list(documents(CorpusConfig(), n))
-    assert 70 < sum(d.count("this is a") > 0 for d in docs) < 130  # binding, weight 1
+    assert 250 < sum(d.count("this is a") > 0 for d in docs) < 350  # binding, weight 3
     assert 70 < sum(" q: " in d for d in docs) < 130  # qa, weight 1
     said_again = [len(set(parts)) == 1 < len(parts) for parts in (d.rstrip(".").split(". ") for d in docs)]
-    assert 420 < sum(said_again) < 580  # repeats (4) and drills (1) say one text two or more times
+    assert 610 < sum(said_again) < 790  # repeats (4) and drills (3) say one text two or more times
     facts = [d for d in docs if S.try_parse(d.split(". ")[0] + ".") is None and " is " in d and "this is" not in d]
     assert 520 < len(facts) < 680  # facts, weight 6
     assert all(d and d.endswith(".") for d in docs)
@@ -50,7 +50,9 @@ def test_each_kind_alone(kind):
     elif kind == "drill":
         for d in docs:
             first, second = d[:-1].split(". ")
-            assert first == second and 4 <= len(first.split()) <= 11
+            words = first.split()
+            assert first == second and 4 <= len(words) <= 11
+            assert set(words) <= set(LIST_WORDS) and len(set(words)) == len(words)  # whole words, each once
     elif kind == "fact":  # every sentence states a thing's true size, colour or shape
         known = {thing: attribute for attribute, things in FACTS.items() for thing in things}
         for d in docs:
