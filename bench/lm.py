@@ -12,7 +12,8 @@ the point), then probes it with text alone (`minivlm.probes`):
 - the copies read back attribute by attribute (sentence shape vs content words), and how similar the
   embeddings of interchangeable words are (" red" vs " blue": 1.0 means the LM cannot tell them apart);
 - N-way fast binding (Frozen's task, in text): 2-way and 5-way, 1 shot, with and without task
-  induction ("answer with dax or wug."); chance is 1 / N;
+  induction ("answer with dax or wug."); chance is 1 / N; and 2-way with the query's description a
+  word-for-word repeat of an example's, the easiest match there is;
 - question answering from a caption in the prompt.
 
 Run from the repository root:
@@ -85,6 +86,7 @@ def main() -> None:
              "accuracy": binding_accuracy(model, tokenizer, ways=ways, shots=1, task_induction=ti, episodes=n)}
             for ways in (2, 5) for ti in (True, False)
         ],  # fmt: skip
+        "binding_echo": binding_accuracy(model, tokenizer, ways=2, shots=1, task_induction=True, episodes=n, echo=True),
     }
     ok = "within" if seconds <= TARGET_SECONDS else "OVER"
     print(f"\nparameters             {results['params']:>10,}")
@@ -103,6 +105,8 @@ def main() -> None:
     for row in results["binding"]:
         label = f"{row['ways']}-way, {'with' if row['task_induction'] else 'no'} task induction"
         print(f"  {label:<30} {row['accuracy']:>6.1%}   {row['chance']:>6.1%}")
+    print(f"  {'2-way, the query repeated':<30} {results['binding_echo']:>6.1%}   {0.5:>6.1%}   "
+          "(its description word for word an example's)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

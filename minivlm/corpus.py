@@ -143,14 +143,16 @@ def _fact(rng: np.random.Generator) -> str:
 
 
 def binding_prompt(
-    rng: np.random.Generator, ways: int, shots: int, *, task_induction: bool, strict: bool = False, queries: int = 1
+    rng: np.random.Generator, ways: int, shots: int, *, task_induction: bool, strict: bool = False, queries: int = 1,
+    echo: bool = False,
 ) -> tuple[str, str]:
     """A fast-binding episode as text: (prompt ending in 'this is a', the query's name).
 
     Each of `ways` categories (shapes for up to 4 ways, colours for 5) gets a name; `shots` described
     examples of each, in random order, are each followed by 'this is a <name>.'; with task induction the
     episode opens with 'answer with <name> or <name>.'. `queries` - 1 more solved examples come before
-    the final, unanswered one.
+    the final, unanswered one. echo=True: the final query repeats, word for word, the description of an
+    earlier example of its category (the easiest match there is); otherwise it is described afresh.
     """
     if not 1 <= ways <= len(S.COLOURS):
         raise ValueError(f"ways must be 1 to {len(S.COLOURS)}, got {ways}")
@@ -165,10 +167,15 @@ def binding_prompt(
 
     parts = [f"answer with {' or '.join(names)}."] if task_induction else []
     order = np.repeat(np.arange(ways), shots)[rng.permutation(ways * shots)]
-    parts += [f"{example(w)} this is a {names[w]}." for w in order]
+    described = [(int(w), example(w)) for w in order]
+    parts += [f"{phrase} this is a {names[w]}." for w, phrase in described]
     asked = [int(rng.integers(ways)) for _ in range(queries)]
     parts += [f"{example(w)} this is a {names[w]}." for w in asked[:-1]]
-    parts.append(f"{example(asked[-1])} this is a")
+    if echo:
+        earlier = [phrase for w, phrase in described if w == asked[-1]]
+        parts.append(f"{earlier[int(rng.integers(len(earlier)))]} this is a")
+    else:
+        parts.append(f"{example(asked[-1])} this is a")
     return " ".join(parts), names[asked[-1]]
 
 

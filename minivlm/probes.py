@@ -126,11 +126,16 @@ def word_similarity(model: nn.Module, tokenizer, groups: dict[str, Sequence[str]
 
 def binding_accuracy(
     model: nn.Module, tokenizer, *, ways: int, shots: int = 1, task_induction: bool = True, episodes: int = 200,
-    seed: int = 0, strict: bool = False,
+    seed: int = 0, strict: bool = False, echo: bool = False,
 ) -> float:  # fmt: skip
-    """Open-ended N-way fast binding in text: is the query's name, bound earlier in the prompt, said next?"""
-    rng = np.random.default_rng([seed, ways, shots, task_induction])
-    episodes_ = [binding_prompt(rng, ways, shots, task_induction=task_induction, strict=strict) for _ in range(episodes)]
+    """Open-ended N-way fast binding in text: is the query's name, bound earlier in the prompt, said next?
+
+    echo=True makes the query's description a word-for-word repeat of an earlier example's, so that the
+    match is as easy as it gets: an LM that fails even then does not look back past "this is a".
+    """
+    rng = np.random.default_rng([seed, ways, shots, task_induction] + ([1] if echo else []))
+    episodes_ = [binding_prompt(rng, ways, shots, task_induction=task_induction, strict=strict, echo=echo)
+                 for _ in range(episodes)]  # fmt: skip
     return accuracy(model, tokenizer, [p for p, _ in episodes_], [f" {name}." for _, name in episodes_])
 
 

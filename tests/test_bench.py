@@ -35,10 +35,10 @@ def test_core_benchmark_quick_run_prints_every_ratio(tmp_path):
 def test_lm_benchmark_quick_run_prints_every_number(tmp_path):
     stdout, results = quick_run("lm.py", tmp_path)
     for line in ("pretraining time", "held-out perplexity", "copy, test captions", "copy, per attribute", "list copy",
-                 "word similarity", "2-way, with task induction"):
+                 "word similarity", "2-way, with task induction", "2-way, the query repeated"):
         assert line in stdout
     assert results["preset"] == "tiny" and results["heldout_perplexity"] > 1
-    assert 0 <= results["list_copy"] <= 1
+    assert 0 <= results["list_copy"] <= 1 and 0 <= results["binding_echo"] <= 1
     ways = {(row["ways"], row["task_induction"]) for row in results["binding"]}
     assert ways == {(2, True), (2, False), (5, True), (5, False)}
     _, other = quick_run("lm.py", tmp_path, "--seed", "1")  # another init and batch order: another model

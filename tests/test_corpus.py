@@ -88,6 +88,18 @@ def test_binding_prompt_answers_are_bound_in_context():
             assert prompt.startswith("answer with ") == induction
 
 
+def test_an_echo_query_repeats_an_earlier_example_of_its_category_word_for_word():
+    rng = np.random.default_rng(0)
+    for ways, shots in [(2, 1), (3, 2), (5, 1), (2, 3)]:
+        prompt, name = binding_prompt(rng, ways, shots, task_induction=False, echo=True)
+        check_binding(f"{prompt} {name}.")
+        examples = {(e[0], e[-1]) for e in re.findall(rf"({PHRASE.pattern})\. this is a (\w+)\.", prompt)}
+        query = re.search(rf"({PHRASE.pattern})\. this is a$", prompt).group(1)
+        assert (query, name) in examples
+    fresh, _ = binding_prompt(np.random.default_rng(1), 2, 1, task_induction=False)
+    assert fresh != binding_prompt(np.random.default_rng(1), 2, 1, task_induction=False, echo=True)[0]
+
+
 def test_made_up_names_are_fresh_and_not_world_words():
     rng = np.random.default_rng(0)
     words = {made_up_word(rng) for _ in range(500)}

@@ -98,6 +98,8 @@ def test_binding_probe(tokenizer, ways):
     assert score(solve_binding, task_induction=False, shots=3) == 1.0
     assert abs(score(first_name) - 1 / ways) < 0.15  # about chance
     assert score(lambda p: " dax.") < 0.2  # one fixed name
+    assert score(solve_binding, echo=True) == 1.0  # the query repeats an example's description
+    assert abs(score(first_name, echo=True) - 1 / ways) < 0.15
 
 
 def test_answer_probe(tokenizer):
