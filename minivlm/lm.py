@@ -78,7 +78,8 @@ class CourseLMConfig:
     batch_size: int = 8  # B: sequences per step. Small, so that the same tokens make many steps: copying
     # (induction heads) forms after a plateau that is counted in optimiser steps more than in tokens. With
     # B = 32 and 1,000 steps the course LM copied captions by their grammar and never a list of words
-    # (`bench/lm.py`, "list copy"); with B = 8 and 4,000 steps, the same tokens, it copies both.
+    # (`bench/lm.py`, "list copy"); with B = 8 and 4,000 steps, the same tokens, and drills of whole
+    # words (`minivlm.corpus`), it copies both.
     short_steps: int = 1_600  # the first steps train on short windows: copying (induction heads) forms
     # far sooner in short contexts, its onset time growing about quadratically with context length
     # (Musat et al., 2025, "On the Emergence of Induction Heads for In-Context Learning")

@@ -27,10 +27,10 @@ A probe scores an answer right only if the continuation starts with exactly the 
 closing "." included. Every prompt starts with <|endoftext|>, as every text the course LM was trained on
 does (`minivlm.lm.token_stream` packs "<|endoftext|> document <|endoftext|> ...", and its training
 windows begin at those tokens): position 0 of the course LM has only ever held <|endoftext|>, and a
-prompt without it asks the LM about text it has never seen. It matters: an LM that copies lists and
-captions almost perfectly after <|endoftext|> can copy next to none of them without it. GPT-2's own
-tokenizer adds no such token either, but GPT-2 was trained on windows that start anywhere.
-Works with our GPT2 and transformers' GPT2LMHeadModel.
+prompt without it asks the LM about text it has never seen. It matters: the course LM, which copies
+captions and lists almost perfectly after <|endoftext|>, copies none of the captions without it and far
+fewer of the lists (lesson 03, section 6). GPT-2's own tokenizer adds no such token either, but GPT-2
+was trained on windows that start anywhere. Works with our GPT2 and transformers' GPT2LMHeadModel.
 """
 
 from __future__ import annotations
