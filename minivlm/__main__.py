@@ -161,7 +161,9 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
     """Pretrain (or load) the course LM; print where it lives and what the text probes say."""
     from minivlm.data.shapes import caption, sample_scene
     from minivlm.lm import course_lm
-    from minivlm.probes import binding_accuracy, copy_accuracy, copy_attribute_scores, word_similarity
+    from minivlm.probes import (
+        binding_accuracy, copy_accuracy, copy_attribute_scores, list_copy_accuracy, word_similarity,
+    )  # fmt: skip
 
     model, tokenizer, info = course_lm(args.preset, retrain=args.retrain)
     stats = info["stats"]
@@ -169,8 +171,10 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
           f"to loss {stats['final_loss']:.3f}; cached in {info['path']}")  # fmt: skip
     captions = [caption(sample_scene("test", 0, i)) for i in range(100)]
     copy = copy_accuracy(model, tokenizer, captions)
+    lists = list_copy_accuracy(model, tokenizer, episodes=100)
     bind = binding_accuracy(model, tokenizer, ways=2, episodes=100)
-    print(f"text probes: copy a caption {copy:.0%}, 2-way name binding {bind:.0%} (chance 50%)")
+    print(f"text probes: copy a caption {copy:.0%}, a list of words {lists:.0%}, 2-way name binding {bind:.0%} "
+          "(chance 50%)")
     parts = copy_attribute_scores(model, tokenizer, captions)
     print("copies, per attribute: " + ", ".join(f"{k} {parts[k]:.0%}" for k in ("count", "relation", "size", "colour", "shape")))
     similar = word_similarity(model, tokenizer)

@@ -48,7 +48,8 @@ import numpy as np
 
 from minivlm.data import shapes as S
 
-__all__ = ["KINDS", "NAMES", "LIST_WORDS", "CorpusConfig", "made_up_word", "made_up_names", "document", "documents", "binding_prompt"]
+__all__ = ["KINDS", "NAMES", "LIST_WORDS", "CorpusConfig", "made_up_word", "made_up_names", "document", "documents",
+           "binding_prompt"]  # fmt: skip
 
 KINDS = ("caption", "repeat", "qa", "binding", "drill", "fact")
 # Names in the style of the Frozen paper's miniImageNet tasks; half of all binding documents use these,

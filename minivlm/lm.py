@@ -51,8 +51,8 @@ __all__ = [
 
 # Bump when the corpus generator, the tokenizer or the training code change what a configuration
 # produces: every cached model then retrains once.
-CACHE_VERSION = 6  # 2: windows start at document starts; 3: embeddings not decayed; 4: "fact" documents; 5: canonical captions;
-# 6: drills of whole words
+CACHE_VERSION = 6  # 2: windows start at document starts; 3: embeddings not decayed; 4: "fact" documents;
+# 5: canonical captions; 6: drills of whole words
 BACKENDS = ("minivlm", "transformers")  # our GPT2, or transformers' GPT2LMHeadModel
 RECORD = "minivlm.json"  # the configuration and training statistics, next to the weights
 M = TypeVar("M", bound=nn.Module)

@@ -58,7 +58,7 @@ def test_pretrain_lm_caches_then_loads(tmp_path):
     first = subprocess.run([sys.executable, "-m", "minivlm", "pretrain-lm", "--preset", "tiny"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "cached in" in first.stdout and "2-way name binding" in first.stdout
+    assert "cached in" in first.stdout and "2-way name binding" in first.stdout and "a list of words" in first.stdout
     assert list((tmp_path / "lm").iterdir())[0].name.startswith("tiny-")
     again = subprocess.run([sys.executable, "-m", "minivlm", "pretrain-lm", "--preset", "tiny"], cwd=ROOT,
                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip

@@ -7,7 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from minivlm.corpus import FACTS, KINDS, LIST_WORDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word
+from minivlm.corpus import (
+    FACTS, KINDS, LIST_WORDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word,
+)  # fmt: skip
 from minivlm.data import shapes as S
 
 PHRASE = re.compile(rf"a ({'|'.join(S.SIZES)}) ({'|'.join(S.COLOURS)}) ({'|'.join(S.SHAPES)})")
