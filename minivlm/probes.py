@@ -53,10 +53,12 @@ WORD_GROUPS = {"size": S.SIZES, "colour": S.COLOURS, "shape": S.SHAPES}  # words
 
 
 @torch.no_grad()
-def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 64,
+             start_of_text: bool = True) -> list[str]:  # fmt: skip
     """Greedy continuations of `prompts` (batched, left-padded), each cut at <|endoftext|> or the context's end.
 
-    Each prompt is read as a document is in pretraining: after <|endoftext|> (see the module docstring).
+    Each prompt is read as a document is in pretraining: after <|endoftext|> (see the module docstring);
+    start_of_text=False leaves it out, to see what that costs.
     """
     context = model.config.n_positions
     device = next(model.parameters()).device
@@ -64,7 +66,8 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        texts = [tokenizer.eos_token + p for p in prompts[i : i + batch_size]]  # the special token, not its letters
+        start = tokenizer.eos_token if start_of_text else ""  # parsed as the special token, not its letters
+        texts = [start + p for p in prompts[i : i + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True,
                           padding_side="left", add_special_tokens=False)  # fmt: skip
         t = batch["input_ids"].shape[1]
@@ -77,12 +80,13 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     return out
 
 
-def accuracy(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> float:
-    """Fraction of prompts whose greedy continuation starts with its target."""
+def accuracy(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
+             start_of_text: bool = True) -> float:  # fmt: skip
+    """Fraction of prompts whose greedy continuation starts with its target (`complete`, with start_of_text)."""
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"need as many targets as prompts, and at least one: got {len(prompts)} and {len(targets)}")
     longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
-    continuations = complete(model, tokenizer, prompts, max_new_tokens=longest + 1)
+    continuations = complete(model, tokenizer, prompts, max_new_tokens=longest + 1, start_of_text=start_of_text)
     return float(np.mean([c.startswith(t) for c, t in zip(continuations, targets)]))
 
 

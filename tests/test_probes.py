@@ -12,8 +12,8 @@ from torch import nn
 from minivlm.corpus import CorpusConfig, documents
 from minivlm.data import shapes as S
 from minivlm.probes import (
-    LIST_WORDS, answer_accuracy, binding_accuracy, complete, copy_accuracy, copy_attribute_scores, list_copy_accuracy,
-    word_similarity,
+    LIST_WORDS, accuracy, answer_accuracy, binding_accuracy, complete, copy_accuracy, copy_attribute_scores,
+    list_copy_accuracy, word_similarity,
 )  # fmt: skip
 from minivlm.tokenizer import train_tokenizer
 
@@ -80,6 +80,32 @@ def test_complete_returns_the_continuation_without_the_prompt(tokenizer):
     assert out == [" a large red square."] * 3
     short = complete(Oracle(tokenizer, lambda p: " a large red square."), tokenizer, CAPTIONS[:1], max_new_tokens=2)
     assert short == [" a large"]
+
+
+class Recorder(nn.Module):
+    """A stand-in LM that writes down each prompt it is given and then ends the text at once."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer, self.prompts = tokenizer, []
+        self.config = SimpleNamespace(n_positions=512)
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
+        if past_key_values is None:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            self.prompts += [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+        logits = torch.full((len(input_ids), 1, len(self.tokenizer)), -1e9)
+        logits[..., self.tokenizer.eos_token_id] = 0.0
+        return SimpleNamespace(logits=logits, past_key_values=input_ids if use_cache else None)
+
+
+def test_a_prompt_starts_with_end_of_text_unless_asked_not_to(tokenizer):
+    ids = tokenizer(CAPTIONS[0], add_special_tokens=False)["input_ids"]
+    for start_of_text, expected in ((True, [tokenizer.eos_token_id, *ids]), (False, ids)):
+        model = Recorder(tokenizer)
+        assert accuracy(model, tokenizer, CAPTIONS[:1], [" x."], start_of_text=start_of_text) == 0.0
+        assert model.prompts == [expected]
 
 
 def test_copy_probe(tokenizer):
