@@ -13,7 +13,8 @@ the point), then probes it with text alone (`minivlm.probes`):
   embeddings of interchangeable words are (" red" vs " blue": 1.0 means the LM cannot tell them apart);
 - N-way fast binding (Frozen's task, in text): 2-way and 5-way, 1 shot, with and without task
   induction ("answer with dax or wug."); chance is 1 / N; and 2-way with the query's description a
-  word-for-word repeat of an example's, the easiest match there is;
+  word-for-word repeat of an example's, the easiest match there is; each with the corpus's mix of
+  names, with the course's NAMES only (one token each, as in the few-shot lesson) and made-up ones only;
 - question answering from a caption in the prompt.
 
 Run from the repository root:
@@ -45,6 +46,9 @@ from minivlm.probes import (
 )  # fmt: skip
 
 TARGET_SECONDS = 300  # pretraining on 2 CPU cores
+
+
+NAME_KINDS = {"mixed": None, "course": False, "made_up": True}  # `binding_prompt(made_up=...)`
 
 
 def main() -> None:
@@ -82,11 +86,13 @@ def main() -> None:
         "word_similarity": word_similarity(model, tokenizer),
         "answer": answer_accuracy(model, tokenizer, [S.sample_scene("test", 0, i) for i in range(n)]),
         "binding": [
-            {"ways": ways, "shots": 1, "task_induction": ti, "chance": 1 / ways,
-             "accuracy": binding_accuracy(model, tokenizer, ways=ways, shots=1, task_induction=ti, episodes=n)}
+            {"ways": ways, "shots": 1, "task_induction": ti, "chance": 1 / ways, **{
+                key: binding_accuracy(model, tokenizer, ways=ways, shots=1, task_induction=ti, episodes=n, made_up=made_up)
+                for key, made_up in NAME_KINDS.items()}}
             for ways in (2, 5) for ti in (True, False)
         ],  # fmt: skip
-        "binding_echo": binding_accuracy(model, tokenizer, ways=2, shots=1, task_induction=True, episodes=n, echo=True),
+        "binding_echo": {key: binding_accuracy(model, tokenizer, ways=2, shots=1, task_induction=True, episodes=n,
+                                               echo=True, made_up=made_up) for key, made_up in NAME_KINDS.items()},
     }
     ok = "within" if seconds <= TARGET_SECONDS else "OVER"
     print(f"\nparameters             {results['params']:>10,}")
@@ -101,12 +107,14 @@ def main() -> None:
     w = results["word_similarity"]
     print("word similarity        " + ", ".join(f"{k}s {v:.2f}" for k, v in w.items()) + "   (cosine; 1 = merged)")
     print(f"question answering     {results['answer']:>10.1%}")
-    print("\nfast binding, 1 shot   accuracy   chance")
-    for row in results["binding"]:
-        label = f"{row['ways']}-way, {'with' if row['task_induction'] else 'no'} task induction"
-        print(f"  {label:<30} {row['accuracy']:>6.1%}   {row['chance']:>6.1%}")
-    print(f"  {'2-way, the query repeated':<30} {results['binding_echo']:>6.1%}   {0.5:>6.1%}   "
-          "(its description word for word an example's)")
+    print("\nfast binding, 1 shot, open-ended   names: mixed   course   made-up   chance")
+    rows = [(f"{r['ways']}-way, {'with' if r['task_induction'] else 'no'} task induction", r, r["chance"])
+            for r in results["binding"]]
+    for label, r, chance in [*rows, ("2-way, the query repeated", results["binding_echo"], 0.5)]:
+        print(f"  {label:<32} " + "".join(f"{r[k]:>9.1%}" for k in NAME_KINDS) + f"{chance:>9.1%}")
+    print("  (mixed: half the episodes' names are NAMES, half made up, as in the corpus; course: NAMES, one token")
+    print("  each, like dax; made-up: fresh words of several tokens. The repeated query's description is an")
+    print("  example's, word for word.)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

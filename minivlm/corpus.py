@@ -17,6 +17,13 @@ corpus holds documents that are only predictable by reading back:
   sizes, colours and shapes, and the names), each at most once in a list, so the earlier copy of a
   token is one place. Drills of made-up words did not build it: with 512 tokens they fall apart into
   one- and two-letter pieces (" kumo" is " k" "u" "mo") that recur within a list;
+- "recall": one-word descriptions, each named, then asked again ("circle. this is a dax. red. this is a
+  wug. circle. this is a dax."): the look-up that binding needs, with nothing else in the description.
+  Answering "this is a" needs the word four tokens back, past "this is a", which is the same before
+  every name; an induction head that matches only the token before (" a") finds every name at once.
+  From binding documents alone the course LM never learned to look further (2-way binding at or below
+  chance with more binding documents, more queries, more steps, queries that repeat an example word for
+  word); with these, and position embeddings that start as sinusoids (`minivlm.lm`), it did;
 - "fact": what things in the world look like ("a whale is large. grass is green. a wheel is a
   circle."): the only documents in which *which* size, colour or shape comes next follows from the
   words alone. Everywhere else the words of a kind are interchangeable, and an LM that never has to
@@ -24,13 +31,13 @@ corpus holds documents that are only predictable by reading back:
   apart. Real text is full of such facts; our small corpus has to say them on purpose.
 
 How much of each: copying and facts are what the captioner needs most, so the default mix has four
-"repeat" and six "fact" documents for each caption, three drills and three binding documents. With every
+"repeat" and six "fact" documents for each caption, and three each of drills, binding and recall. With every
 kind equally common, the course LM's shape words stayed all but one vector (cosine similarity 0.81),
 and an induction head that finds the earlier " circle" cannot say it again if " circle" and " square"
 are one vector; the facts pulled them apart. `bench/lm.py` measures what the mix gives; the README has
 the figures.
 
-Half of the binding documents name things with made-up words drawn fresh for the document ("kumo",
+Half of the binding and recall documents name things with made-up words drawn fresh for the document ("kumo",
 "vefasi"), the other half with NAMES in a fresh pairing, so no name can be memorised: the only way to
 predict it is to find it earlier in the context. Every document is a pure function of
 (seed, index), like the shapes world's samples.
@@ -48,10 +55,10 @@ import numpy as np
 
 from minivlm.data import shapes as S
 
-__all__ = ["KINDS", "NAMES", "LIST_WORDS", "CorpusConfig", "made_up_word", "made_up_names", "document", "documents",
-           "binding_prompt"]  # fmt: skip
+__all__ = ["KINDS", "NAMES", "LIST_WORDS", "RECALL_KEYS", "CorpusConfig", "made_up_word", "made_up_names",
+           "document", "documents", "binding_prompt"]  # fmt: skip
 
-KINDS = ("caption", "repeat", "qa", "binding", "drill", "fact")
+KINDS = ("caption", "repeat", "qa", "binding", "drill", "fact", "recall")
 # Names in the style of the Frozen paper's miniImageNet tasks; half of all binding documents use these,
 # the other half fresh made-up words.
 NAMES = ("dax", "blicket", "wug", "zib", "fep", "toma", "kiki", "bouba", "gazzer", "tufa", "modi", "pilk")
@@ -72,6 +79,8 @@ FACTS = {
 # "drill" documents (and the list-copy probe, `minivlm.probes.list_copy_accuracy`) list these words:
 # every one a single token of the course tokenizer, and all distinct.
 LIST_WORDS = (*S.SIZES, *S.COLOURS, *S.SHAPES, *NAMES)
+# "recall" documents name these one-word descriptions.
+RECALL_KEYS = (*S.SIZES, *S.COLOURS, *S.SHAPES)
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 
@@ -81,7 +90,8 @@ class CorpusConfig:
     """How the corpus is mixed; the defaults are what the course's LM is pretrained on."""
 
     mix: dict[str, float] = field(
-        default_factory=lambda: {"caption": 1.0, "repeat": 4.0, "qa": 1.0, "binding": 3.0, "drill": 3.0, "fact": 6.0}
+        default_factory=lambda: {"caption": 1.0, "repeat": 4.0, "qa": 1.0, "binding": 3.0, "drill": 3.0, "fact": 6.0,
+                                 "recall": 3.0}
     )  # relative frequency of each document kind in KINDS (the module docstring says why these weights)
     seed: int = 0  # with a document's index, fixes its text
     strict: bool = False  # True: no held-out colour–shape pair appears anywhere in the text
@@ -113,11 +123,14 @@ def made_up_names(rng: np.random.Generator, n: int) -> list[str]:
     return names
 
 
+def _course_names(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct names from NAMES."""
+    return [NAMES[j] for j in rng.permutation(len(NAMES))[:n]]
+
+
 def _names(rng: np.random.Generator, n: int) -> list[str]:
     """n distinct names: from NAMES or made up, half the time each."""
-    if rng.random() < 0.5:
-        return [NAMES[j] for j in rng.permutation(len(NAMES))[:n]]
-    return made_up_names(rng, n)
+    return _course_names(rng, n) if rng.random() < 0.5 else made_up_names(rng, n)
 
 
 def _scene(rng: np.random.Generator, strict: bool) -> S.Scene:
@@ -145,7 +158,7 @@ def _fact(rng: np.random.Generator) -> str:
 
 def binding_prompt(
     rng: np.random.Generator, ways: int, shots: int, *, task_induction: bool, strict: bool = False, queries: int = 1,
-    echo: bool = False,
+    echo: bool = False, made_up: bool | None = None,
 ) -> tuple[str, str]:
     """A fast-binding episode as text: (prompt ending in 'this is a', the query's name).
 
@@ -154,13 +167,15 @@ def binding_prompt(
     episode opens with 'answer with <name> or <name>.'. `queries` - 1 more solved examples come before
     the final, unanswered one. echo=True: the final query repeats, word for word, the description of an
     earlier example of its category (the easiest match there is); otherwise it is described afresh.
+    The names are NAMES or made up, half the time each (as in the corpus); made_up=False: always NAMES,
+    True: always made up.
     """
     if not 1 <= ways <= len(S.COLOURS):
         raise ValueError(f"ways must be 1 to {len(S.COLOURS)}, got {ways}")
     by_shape = ways <= len(S.SHAPES)
     pool = S.SHAPES if by_shape else S.COLOURS
     categories = [pool[j] for j in rng.permutation(len(pool))[:ways]]
-    names = _names(rng, ways)
+    names = _names(rng, ways) if made_up is None else made_up_names(rng, ways) if made_up else _course_names(rng, ways)
 
     def example(w: int) -> str:
         key = {"shape": categories[w]} if by_shape else {"colour": categories[w]}
@@ -202,6 +217,12 @@ def document(config: CorpusConfig, index: int) -> str:
         return f"{prompt} {name}."
     if kind == "fact":
         return " ".join(_fact(rng) for _ in range(int(rng.integers(2, 6))))
+    if kind == "recall":  # 2-4 one-word descriptions named, then 3-8 of them asked again
+        n = int(rng.integers(2, 5))
+        keys = [RECALL_KEYS[j] for j in rng.permutation(len(RECALL_KEYS))[:n]]
+        names = _names(rng, n)
+        order = list(range(n)) + [int(rng.integers(n)) for _ in range(int(rng.integers(3, 9)))]
+        return " ".join(f"{keys[k]}. this is a {names[k]}." for k in order)
     words = " ".join(LIST_WORDS[j] for j in rng.permutation(len(LIST_WORDS))[: int(rng.integers(4, 12))])  # drill
     return f"{words}. {words}."
 

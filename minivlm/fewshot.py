@@ -15,7 +15,9 @@ in context, without a single weight changing.
 A prompt is a sequence of segments, each a `str` or one image (3, S, S). `embed_prompts` turns each
 into one `inputs_embeds` row (text -> token embeddings, image -> `Captioner.prefix`), and left-pads
 the rows of a batch so that every prompt ends in the same column: the positions are then counted from
-each row's first real vector (`positions_from_mask`), exactly as in batched decoding. Two ways to read
+each row's first real vector (`positions_from_mask`), exactly as in batched decoding. A prompt that
+opens with text starts with <|endoftext|>, as every pretraining text did; one that opens with an image
+starts with its prefix, as every captioning example did (`embed_prompts`). Two ways to read
 the LM's answer:
 
 - open-ended (`complete`): greedy decoding with the KV cache; right if it says exactly the answer and
@@ -64,11 +66,16 @@ def _check_segments(prompts: Sequence[Sequence[Segment]]) -> None:
                 raise ValueError(f"prompt {i}, segment {j}: expected a str or an image tensor, got {type(segment).__name__}")
 
 
-def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]]) -> tuple[Tensor, Tensor]:
+def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]], *,
+                  start_of_text: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Interleaved prompts -> (inputs_embeds (B, L, D), attention_mask (B, L)), left-padded, ready for the LM.
 
     Every image of every prompt goes through the encoder and mapper together (in chunks), every text
-    through the LM's own embedding table. Raises a ValueError if a prompt is longer than the LM's context.
+    through the LM's own embedding table. A prompt that opens with text gets <|endoftext|> in front
+    (start_of_text=False: not), and one that opens with an image does not: each then begins as what
+    its first segment was trained after. The LM read every text of its pretraining after
+    <|endoftext|> (`minivlm.probes`); the captioner learned its prefix at position 0, where nothing
+    comes before. Raises a ValueError if a prompt is longer than the LM's context.
     """
     _check_segments(prompts)
     table = captioner.lm.get_input_embeddings()
@@ -82,9 +89,11 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     next_prefix, next_text = iter(prefixes), iter(ids)
     rows = []
+    opening = [tokenizer.eos_token_id] if start_of_text else []
     for prompt in prompts:
-        parts = [next(next_prefix) if isinstance(s, Tensor) else table(torch.tensor(next(next_text), device=device))
-                 for s in prompt]  # fmt: skip
+        parts = [next(next_prefix) if isinstance(s, Tensor)
+                 else table(torch.tensor((opening if j == 0 else []) + next(next_text), device=device))
+                 for j, s in enumerate(prompt)]  # fmt: skip
         rows.append(torch.cat([p.to(table.weight.dtype) for p in parts]))  # (L_i, D)
     lengths = [len(r) for r in rows]
     if max(lengths) > captioner.context:
@@ -102,15 +111,18 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
 
 @torch.no_grad()
 def complete(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int = 8,
-             batch_size: int = 64, **decoding_kwargs) -> list[str]:  # fmt: skip
-    """The LM's continuation of each prompt (greedy by default, with the KV cache), cut at end-of-text."""
+             batch_size: int = 64, start_of_text: bool = True, **decoding_kwargs) -> list[str]:  # fmt: skip
+    """The LM's continuation of each prompt (greedy by default, with the KV cache), cut at end-of-text.
+
+    start_of_text: as in `embed_prompts`."""
     out: list[str] = []
     eot = tokenizer.eos_token_id
     was_training = captioner.training
     captioner.eval()
     try:
         for start in range(0, len(prompts), batch_size):
-            embeds, mask = embed_prompts(captioner, tokenizer, prompts[start : start + batch_size])
+            embeds, mask = embed_prompts(captioner, tokenizer, prompts[start : start + batch_size],
+                                         start_of_text=start_of_text)  # fmt: skip
             room = captioner.context - embeds.shape[1]
             if room < 1:
                 raise ValueError(f"a prompt of {embeds.shape[1]} vectors leaves no room to answer in the "
@@ -126,8 +138,9 @@ def complete(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment
 
 @torch.no_grad()
 def score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
-          candidates: Sequence[Sequence[str]], *, batch_size: int = 64) -> Tensor:  # fmt: skip
+          candidates: Sequence[Sequence[str]], *, batch_size: int = 64, start_of_text: bool = True) -> Tensor:  # fmt: skip
     """(B, K) log p(candidate | prompt), summed over the candidate's tokens; every prompt has K candidates.
+    start_of_text: as in `embed_prompts`.
 
     The prompts run once; each prompt's KV cache is then repeated K times and the candidates (right-padded)
     run on top of it, so a prompt of L vectors costs L + K·C positions rather than K·(L + C).
@@ -140,16 +153,16 @@ def score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
     was_training = captioner.training
     captioner.eval()
     try:
-        return torch.cat([_score(captioner, tokenizer, prompts[i : i + batch_size], candidates[i : i + batch_size])
-                          for i in range(0, len(prompts), batch_size)])  # fmt: skip
+        return torch.cat([_score(captioner, tokenizer, prompts[i : i + batch_size], candidates[i : i + batch_size],
+                                 start_of_text) for i in range(0, len(prompts), batch_size)])  # fmt: skip
     finally:
         captioner.train(was_training)
 
 
 def _score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
-           candidates: Sequence[Sequence[str]]) -> Tensor:  # fmt: skip
+           candidates: Sequence[Sequence[str]], start_of_text: bool) -> Tensor:  # fmt: skip
     lm = captioner.lm
-    embeds, mask = embed_prompts(captioner, tokenizer, prompts)  # (B, L, D), (B, L)
+    embeds, mask = embed_prompts(captioner, tokenizer, prompts, start_of_text=start_of_text)  # (B, L, D), (B, L)
     b, k = len(prompts), len(candidates[0])
     ids = tokenizer([c for row in candidates for c in row], add_special_tokens=False)["input_ids"]  # B·K lists
     if min(map(len, ids)) == 0:

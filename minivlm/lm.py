@@ -4,8 +4,9 @@ Frozen (Tsimpoukelli et al., 2021) and ClipCap (Mokady et al., 2021) caption ima
 model that was pretrained on text alone and is then *frozen*: only the vision side learns. This module
 makes that language model. Offline, it pretrains a small GPT-2 (the architecture of Radford et al.,
 2019, from `minivlm.gpt2`) on the course corpus (`minivlm.corpus`) with nanoGPT's recipe: packed
-documents (in windows that start where a document starts: see `document_starts`), AdamW with decay on the blocks' weight matrices only, linear warm-up then cosine decay, gradient
-clipping. With internet, `load_frozen_lm("gpt2")` gives the real GPT-2 instead, behind the same call.
+documents (in windows that start where a document starts: see `document_starts`), AdamW with decay on
+the blocks' weight matrices only, linear warm-up then cosine decay, gradient clipping; one change: its
+learned position embeddings start as sinusoids (`sinusoidal_positions`). With internet, `load_frozen_lm("gpt2")` gives the real GPT-2 instead, behind the same call.
 
 The corpus is split by document index, so evaluation text is never trained on:
 held-out [0, H) | tokenizer [H, H + K) | training [H + K, H + K + N)   (see `document_ranges`).
@@ -46,13 +47,14 @@ from minivlm.tokenizer import load_tokenizer, tokenizer_for_hub_model, train_tok
 __all__ = [
     "CourseLMConfig", "LM_PRESETS", "CACHE_VERSION", "BACKENDS", "cache_key", "cache_dir", "document_ranges",
     "heldout_texts", "token_stream", "document_starts", "learning_rate", "next_token_loss", "pretrain", "evaluate_perplexity",
-    "course_lm", "freeze", "load_frozen_lm",
+    "course_lm", "freeze", "load_frozen_lm", "POSITION_INITS", "sinusoidal_positions",
 ]  # fmt: skip
 
 # Bump when the corpus generator, the tokenizer or the training code change what a configuration
 # produces: every cached model then retrains once.
-CACHE_VERSION = 6  # 2: windows start at document starts; 3: embeddings not decayed; 4: "fact" documents;
-# 5: canonical captions; 6: drills of whole words
+CACHE_VERSION = 7  # 2: windows start at document starts; 3: embeddings not decayed; 4: "fact" documents;
+# 5: canonical captions; 6: drills of whole words; 7: "recall" documents, sinusoidal position init
+POSITION_INITS = ("sinusoidal", "normal")
 BACKENDS = ("minivlm", "transformers")  # our GPT2, or transformers' GPT2LMHeadModel
 RECORD = "minivlm.json"  # the configuration and training statistics, next to the weights
 M = TypeVar("M", bound=nn.Module)
@@ -68,6 +70,8 @@ class CourseLMConfig:
     n_embd: int = 128  # D: width
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
+    position_init: str = "sinusoidal"  # how the learned position embeddings start: "sinusoidal" (see
+    # `sinusoidal_positions`) or "normal" (GPT-2's N(0, 0.02), like every other weight)
     # the text
     corpus: CorpusConfig = CorpusConfig()  # which documents, in what mix
     heldout_documents: int = 2_000  # documents 0.. never trained on: perplexity is measured on them
@@ -80,13 +84,15 @@ class CourseLMConfig:
     # B = 32 and 1,000 steps the course LM copied captions by their grammar and never a list of words
     # (`bench/lm.py`, "list copy"); with B = 8 and 4,000 steps, the same tokens, and drills of whole
     # words (`minivlm.corpus`), it copies both.
-    short_steps: int = 1_600  # the first steps train on short windows: copying (induction heads) forms
+    short_steps: int = 2_400  # the first steps train on short windows: copying (induction heads) forms
     # far sooner in short contexts, its onset time growing about quadratically with context length
     # (Musat et al., 2025, "On the Emergence of Induction Heads for In-Context Learning")
     short_block_size: int = 32  # T of those first steps; B grows so that a step sees as many tokens
-    steps: int = 4_000  # optimiser steps; tokens seen = steps * B * T (about 3 minutes on 2 CPU cores)
+    steps: int = 6_000  # optimiser steps; tokens seen = steps * B * T (about 4 minutes on 2 CPU cores).
+    # Name binding is learned last: with 4,000 steps the LM bound names in 2-way text episodes about two
+    # times in three, with 6,000 about nine in ten (`bench/lm.py`)
     lr: float = 2e-3  # peak learning rate, reached after the warm-up
-    warmup: int = 400  # steps of linear warm-up from 0; then cosine decay to 10% of lr
+    warmup: int = 600  # steps of linear warm-up from 0; then cosine decay to 10% of lr
     weight_decay: float = 0.1  # AdamW decay, on the blocks' weight matrices only (not embeddings, as in minGPT)
     grad_clip: float = 1.0  # the gradient's global norm is clipped to this
     seed: int = 0  # model init and batch order
@@ -100,6 +106,8 @@ class CourseLMConfig:
                              f"short_block_size={self.short_block_size}, short_steps={self.short_steps}")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup}")
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"unknown position_init {self.position_init!r}; choose one of {POSITION_INITS}")
 
     @property
     def gpt2(self) -> GPT2Config:
@@ -183,6 +191,26 @@ def document_starts(stream: Tensor, eot: int, t: int) -> Tensor:
     return starts
 
 
+def sinusoidal_positions(n_positions: int, n_embd: int, rms: float = 0.02) -> Tensor:
+    """Vaswani et al.'s (2017) sinusoids, (n_positions, n_embd), scaled to root-mean-square `rms`.
+
+    Row t holds sin(t w_i) and cos(t w_i) for frequencies w_i = 10000^(-2i/D), so the row of t + k is
+    row t rotated pair by pair, by angles that depend on k alone: "the position k tokens back" is one
+    linear map for every t. A head that looks a fixed number of tokens back then needs only the right
+    query and key weights. The course LM starts its learned position embeddings here (`position_init`),
+    at the scale of GPT-2's normal init (std 0.02), and trains them like any other weight. Started from
+    noise, it learned heads that look one token back (copying needs them) but never one that looks past
+    "this is a" to the description a name is bound to (`minivlm.corpus`, "recall").
+    """
+    if n_embd % 2:
+        raise ValueError(f"sinusoidal positions need an even width, got n_embd={n_embd}")
+    t = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (T, 1)
+    w = torch.exp(-math.log(10000.0) * torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (D/2,)
+    table = torch.zeros(n_positions, n_embd)
+    table[:, 0::2], table[:, 1::2] = torch.sin(t * w), torch.cos(t * w)
+    return table * (rms / table.pow(2).mean().sqrt())
+
+
 def learning_rate(step: int, *, peak: float, warmup: int, steps: int, floor: float = 0.1) -> float:
     """Linear warm-up to `peak` over `warmup` steps, then cosine decay to floor * peak at the last step."""
     if step < warmup:
@@ -225,6 +253,9 @@ def _pretrain(config: CourseLMConfig, progress: bool) -> tuple[GPT2, PreTrainedT
     if len(stream) < config.block_size:
         raise ValueError(f"the training stream has {len(stream)} tokens, fewer than block_size={config.block_size}")
     model = GPT2(config.gpt2).train()
+    if config.position_init == "sinusoidal":
+        with torch.no_grad():
+            model.transformer.wpe.weight.copy_(sinusoidal_positions(config.n_positions, config.n_embd))
     params = list(model.parameters())  # the tied lm_head / wte weight once
     # No decay on the token and position embeddings (minGPT's rule): the differences between " small"
     # and " large" are small at first and useful only once the LM copies; decay wears them away before

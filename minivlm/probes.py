@@ -130,16 +130,19 @@ def word_similarity(model: nn.Module, tokenizer, groups: dict[str, Sequence[str]
 
 def binding_accuracy(
     model: nn.Module, tokenizer, *, ways: int, shots: int = 1, task_induction: bool = True, episodes: int = 200,
-    seed: int = 0, strict: bool = False, echo: bool = False,
+    seed: int = 0, strict: bool = False, echo: bool = False, made_up: bool | None = None,
 ) -> float:  # fmt: skip
     """Open-ended N-way fast binding in text: is the query's name, bound earlier in the prompt, said next?
 
     echo=True makes the query's description a word-for-word repeat of an earlier example's, so that the
     match is as easy as it gets: an LM that fails even then does not look back past "this is a".
+    made_up: the names, as in `binding_prompt` (None: half NAMES, half made up; False: NAMES, the single
+    tokens "dax", "wug", ...; True: made up, mostly several tokens, which the LM must also spell right).
     """
-    rng = np.random.default_rng([seed, ways, shots, task_induction] + ([1] if echo else []))
-    episodes_ = [binding_prompt(rng, ways, shots, task_induction=task_induction, strict=strict, echo=echo)
-                 for _ in range(episodes)]  # fmt: skip
+    rng = np.random.default_rng([seed, ways, shots, task_induction] + ([1] if echo else [])
+                                + ([] if made_up is None else [2 + made_up]))  # fmt: skip
+    episodes_ = [binding_prompt(rng, ways, shots, task_induction=task_induction, strict=strict, echo=echo,
+                                made_up=made_up) for _ in range(episodes)]  # fmt: skip
     return accuracy(model, tokenizer, [p for p, _ in episodes_], [f" {name}." for _, name in episodes_])
 
 

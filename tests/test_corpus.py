@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minivlm.corpus import (
-    FACTS, KINDS, LIST_WORDS, NAMES, CorpusConfig, binding_prompt, document, documents, made_up_word,
+    FACTS, KINDS, LIST_WORDS, NAMES, RECALL_KEYS, CorpusConfig, binding_prompt, document, documents, made_up_word,
 )  # fmt: skip
 from minivlm.data import shapes as S
 
@@ -23,9 +23,10 @@ def test_documents_are_a_pure_function_of_config_and_index():
 
 
 def test_the_default_mix_holds_every_kind_in_its_share():
-    n = 1800  # the default weights sum to 18: about 100 documents per unit of weight
+    n = 2100  # the default weights sum to 21: about 100 documents per unit of weight
     docs = list(documents(CorpusConfig(), n))
-    assert 250 < sum(d.count("this is a") > 0 for d in docs) < 350  # binding, weight 3
+    assert 250 < sum(PHRASE.search(d) is not None and "this is a" in d for d in docs) < 350  # binding, weight 3
+    assert 250 < sum(d.startswith(RECALL_KEYS) and ". this is a" in d and not PHRASE.search(d) for d in docs) < 350
     assert 70 < sum(" q: " in d for d in docs) < 130  # qa, weight 1
     said_again = [len(set(parts)) == 1 < len(parts) for parts in (d.rstrip(".").split(". ") for d in docs)]
     assert 610 < sum(said_again) < 790  # repeats (4) and drills (3) say one text two or more times
@@ -62,6 +63,16 @@ def test_each_kind_alone(kind):
                 m = re.fullmatch(r"(?:a|the) ([a-z ]+) is (?:a )?(\w+)", sentence)
                 assert m and m.group(2) in S.SIZES + S.COLOURS + S.SHAPES, sentence
                 assert known.get(m.group(1), m.group(2)) == m.group(2), sentence
+    elif kind == "recall":  # one-word descriptions named, then asked again: always the name bound first
+        for d in docs:
+            pairs = re.findall(r"(\w+)\. this is a (\w+)\.", d)
+            assert " ".join(f"{k}. this is a {n}." for k, n in pairs) == d
+            keys = [k for k, _ in pairs]
+            assert set(keys) <= set(RECALL_KEYS) and 5 <= len(pairs) <= 12 and 2 <= len(set(keys)) <= 4
+            assert len(keys) - len(set(keys)) >= 3  # 3-8 questions after the first naming of each
+            bound: dict[str, str] = {}
+            assert all(bound.setdefault(k, n) == n for k, n in pairs), d
+            assert len(set(bound.values())) == len(bound)  # each key its own name
     else:  # binding: every query's name is the one bound to its category earlier in the document
         for d in docs:
             check_binding(d)
@@ -100,6 +111,18 @@ def test_an_echo_query_repeats_an_earlier_example_of_its_category_word_for_word(
         assert (query, name) in examples
     fresh, _ = binding_prompt(np.random.default_rng(1), 2, 1, task_induction=False)
     assert fresh != binding_prompt(np.random.default_rng(1), 2, 1, task_induction=False, echo=True)[0]
+
+
+def test_binding_names_can_be_chosen():
+    for made_up, expect_names in ((False, True), (True, False)):
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            prompt, name = binding_prompt(rng, 2, 1, task_induction=False, made_up=made_up)
+            assert (name in NAMES) == expect_names, prompt
+            check_binding(f"{prompt} {name}.")
+    rng = np.random.default_rng(0)
+    mixed = [binding_prompt(rng, 2, 1, task_induction=False)[1] in NAMES for _ in range(40)]
+    assert 0 < sum(mixed) < 40
 
 
 def test_made_up_names_are_fresh_and_not_world_words():

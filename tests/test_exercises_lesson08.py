@@ -129,7 +129,7 @@ def test_blanks_are_not_done():
 def test_correct_answers_pass(capsys):
     check("8.1", embed)
     check("8.1", embed_batched)
-    check("8.1", lambda c, t, p: fewshot.embed_prompts(c, t, [p])[0][0])
+    check("8.1", lambda c, t, p: fewshot.embed_prompts(c, t, [p], start_of_text=False)[0][0])
     check("8.2", score)
     check("8.2", score_with_positions)
     check("8.2", lambda c, t, p, a: fewshot.score(c, t, [p], [[a]])[0])  # a (1,) tensor is one number too
@@ -144,6 +144,7 @@ def test_correct_answers_pass(capsys):
 @pytest.mark.parametrize(
     ("mistake", "hint"),
     [
+        (lambda c, t, p: fewshot.embed_prompts(c, t, [p])[0][0], "this exercise leaves it out (start_of_text=False)"),
         (lambda c, t, p: embed(c, t, p, order="text"), "keep the segments in the prompt's order"),
         (lambda c, t, p: embed(c, t, p, order="image"), "keep the segments in the prompt's order"),
         (lambda c, t, p: embed(c, t, p, strip=True), "the leading space is part of the token"),

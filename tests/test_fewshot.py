@@ -59,7 +59,8 @@ def prompts(n: int = 4, seed: int = 0) -> tuple[list, list]:
 def test_embed_prompts_puts_each_prefix_and_each_text_in_place(captioners, tokenizer, backend):
     cap = captioners[backend]
     image = torch.rand(3, 32, 32)
-    embeds, mask = fewshot.embed_prompts(cap, tokenizer, [["answer with dax.", image, " this is a"], ["hi", image]])
+    embeds, mask = fewshot.embed_prompts(cap, tokenizer, [["answer with dax.", image, " this is a"], ["hi", image]],
+                                         start_of_text=False)  # fmt: skip
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("answer with dax.", " this is a", "hi")]
     table = cap.lm.get_input_embeddings()
     length = len(ids[0]) + P + len(ids[1])
@@ -71,6 +72,31 @@ def test_embed_prompts_puts_each_prefix_and_each_text_in_place(captioners, token
     assert mask[1].tolist() == [0] * (length - short) + [1] * short
     assert (embeds[1, : length - short] == 0).all()
     assert_close(embeds[1, -P:], cap.prefix(image[None])[0])
+
+
+def test_a_prompt_that_opens_with_text_opens_with_end_of_text_as_pretraining_text_did(captioners, tokenizer):
+    cap = captioners["minivlm"]
+    image = torch.rand(3, 32, 32)
+    table = cap.lm.get_input_embeddings()
+    eot = table(torch.tensor([tokenizer.eos_token_id]))[0]
+    text_first, image_first = ["hi", image, " this is a"], [image, " this is a"]
+    (with_start, mask), (without, _) = (fewshot.embed_prompts(cap, tokenizer, [text_first, image_first], start_of_text=s)
+                                        for s in (True, False))  # fmt: skip
+    assert with_start.shape[1] == without.shape[1] + 1  # one more vector, in the text-first prompt only
+    opens = mask[0].tolist().index(1)
+    assert_close(with_start[0, opens], eot)  # <|endoftext|>, then the prompt as it was
+    assert_close(with_start[0, opens + 1 :], without[0])
+    n = len(tokenizer(" this is a", add_special_tokens=False)["input_ids"])
+    assert mask[1].sum() == P + n  # image first: no <|endoftext|>, the prefix at position 0 as in training
+    assert_close(with_start[1, -(P + n) :], without[1, -(P + n) :])
+    assert_close(with_start[1, -(P + n) : -n], cap.prefix(image[None])[0])
+    # complete and score read the same <|endoftext|> as a prompt that spells it out
+    spelled = ["<|endoftext|>hi", image, " this is a"]
+    assert fewshot.complete(cap, tokenizer, [text_first]) == fewshot.complete(cap, tokenizer, [spelled], start_of_text=False)
+    assert_close(fewshot.score(cap, tokenizer, [text_first], [[" dax.", " wug."]]),
+                 fewshot.score(cap, tokenizer, [spelled], [[" dax.", " wug."]], start_of_text=False))  # fmt: skip
+    assert not torch.allclose(fewshot.score(cap, tokenizer, [text_first], [[" dax.", " wug."]]),
+                              fewshot.score(cap, tokenizer, [text_first], [[" dax.", " wug."]], start_of_text=False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,7 +18,7 @@ from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.hub import OfflineError
 from minivlm.lm import (
     LM_PRESETS, cache_key, course_lm, document_ranges, document_starts, evaluate_perplexity, freeze, heldout_texts,
-    learning_rate, load_frozen_lm, pretrain,
+    learning_rate, load_frozen_lm, pretrain, sinusoidal_positions,
 )  # fmt: skip
 from minivlm.tokenizer import train_tokenizer
 
@@ -68,6 +68,32 @@ def test_pretraining_learns(tiny_lm):
     untrained = GPT2(TINY.gpt2).eval()
     trained_ppl = evaluate_perplexity(model, tokenizer, texts, TINY.block_size)
     assert trained_ppl < evaluate_perplexity(untrained, tokenizer, texts, TINY.block_size) / 5
+
+
+def test_sinusoidal_positions_make_every_offset_one_linear_map():
+    table = sinusoidal_positions(256, 32)
+    assert table.shape == (256, 32)
+    assert_close(table.pow(2).mean().sqrt(), torch.tensor(0.02))  # the scale of GPT-2's normal init
+    w = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(0, 32, 2) / 32)
+    for k in (1, 4, 5):  # row t + k is row t rotated in each (sin, cos) pair by k * w_i, for every t
+        c, s = torch.cos(k * w), torch.sin(k * w)
+        sin_t, cos_t = table[:-k, 0::2], table[:-k, 1::2]
+        assert_close(table[k:, 0::2], sin_t * c + cos_t * s, atol=1e-6, rtol=0)
+        assert_close(table[k:, 1::2], cos_t * c - sin_t * s, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="even width"):
+        sinusoidal_positions(8, 5)
+
+
+def test_position_embeddings_start_as_configured():
+    frozen_start = replace(TINY, steps=2, warmup=0, lr=0.0)  # no step moves a weight: what remains is the init
+    sinusoidal, _, _ = pretrain(frozen_start, progress=False)
+    assert torch.equal(sinusoidal.transformer.wpe.weight, sinusoidal_positions(TINY.n_positions, TINY.n_embd))
+    normal, _, _ = pretrain(replace(frozen_start, position_init="normal"), progress=False)
+    assert 0.015 < normal.transformer.wpe.weight.std() < 0.025
+    assert not torch.allclose(normal.transformer.wpe.weight, sinusoidal.transformer.wpe.weight)
+    assert torch.equal(normal.transformer.h[0].attn.c_attn.weight, sinusoidal.transformer.h[0].attn.c_attn.weight)
+    with pytest.raises(ValueError, match="unknown position_init 'rope'"):
+        replace(TINY, position_init="rope")
 
 
 def test_perplexity_does_not_depend_on_padding(tiny_lm):
@@ -137,8 +163,9 @@ def test_retrain_trains_again(monkeypatch):
 
 
 def test_any_change_to_the_config_changes_the_key():
-    changed = [replace(TINY, steps=31), replace(TINY, lr=2e-2), replace(TINY, corpus=CorpusConfig(seed=1))]
-    assert len({cache_key(c) for c in [TINY, *changed]}) == 4
+    changed = [replace(TINY, steps=31), replace(TINY, lr=2e-2), replace(TINY, corpus=CorpusConfig(seed=1)),
+               replace(TINY, position_init="normal")]  # fmt: skip
+    assert len({cache_key(c) for c in [TINY, *changed]}) == 5
     assert cache_key(replace(TINY, threads=2)) == cache_key(TINY)  # how fast, not what is trained
 
 

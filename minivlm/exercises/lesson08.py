@@ -93,6 +93,10 @@ def _embed(captioner: Captioner, tokenizer, prompt: list, *, text=lambda s: s, i
 
 
 EMBED_MISTAKES: Mistakes = {
+    "start of text": (lambda c, t, p: fewshot.embed_prompts(c, t, [p])[0][0],
+                      "your sequence starts with <|endoftext|>, as fewshot.embed_prompts' default puts it in front of a "
+                      "prompt that opens with text: this exercise leaves it out (start_of_text=False); embed the "
+                      "segments alone"),
     "texts first": (lambda c, t, p: _embed(c, t, p, order="text"),
                     "your sequence has every text first and every image after: keep the segments in the prompt's "
                     "order, each image's P vectors exactly where the image stands"),
@@ -124,7 +128,7 @@ def _named_mistake(out: Tensor, args: tuple, mistakes: Mistakes) -> None:
 
 
 def check_embed_prompt(embed_prompt: Callable) -> str:
-    """Exercise 8.1: embed_prompt(captioner, tokenizer, prompt) equals fewshot.embed_prompts' one row."""
+    """Exercise 8.1: embed_prompt(captioner, tokenizer, prompt) equals embed_prompts(start_of_text=False)'s row."""
     captioner, tokenizer = _captioner(), _tokenizer()
     shapes = []
     for prompt in _prompts():
@@ -135,7 +139,7 @@ def check_embed_prompt(embed_prompt: Callable) -> str:
         out = tensor(call(embed_prompt, captioner, tokenizer, list(prompt), what=what, hint=hint), what)
         out = out.detach().float()
         with torch.no_grad():
-            expected = fewshot.embed_prompts(captioner, tokenizer, [prompt])[0][0]  # (L, D)
+            expected = fewshot.embed_prompts(captioner, tokenizer, [prompt], start_of_text=False)[0][0]  # (L, D)
         if out.ndim == 3 and out.shape[0] == 1:
             fail(f"{what} has shape {tuple(out.shape)}: return one prompt's (L, D), without a batch axis")
         n_images = sum(not isinstance(s, str) for s in prompt)
@@ -148,8 +152,8 @@ def check_embed_prompt(embed_prompt: Callable) -> str:
             diagnose(out, (captioner, tokenizer, prompt), EMBED_MISTAKES, what, expected,
                      "each image's P prefix vectors and each text's token embeddings, in order")  # fmt: skip
         shapes.append(f"{n_images} image(s) -> {tuple(out.shape)}")
-    return (f"equals fewshot.embed_prompts on four prompts (text first, image first, two images side by side, text "
-            f"only): {', '.join(shapes)}, P = {P} vectors per image")
+    return (f"equals fewshot.embed_prompts(start_of_text=False) on four prompts (text first, image first, two images "
+            f"side by side, text only): {', '.join(shapes)}, P = {P} vectors per image")
 
 
 # Exercise 8.2: the log-probability of a candidate answer, without a cache -------------------------------------
