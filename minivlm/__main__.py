@@ -276,7 +276,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from minivlm.evaluate import metrics_table
     from minivlm.lm import load_frozen_lm
     from minivlm.report import EVAL_SEED, caption_splits, write_report
-    from minivlm.train import train
+    from minivlm.train import keep_in_cache, train
 
     start = time.perf_counter()
     config = train_config(args.preset, args.steps)
@@ -292,6 +292,9 @@ def run_demo(args: argparse.Namespace) -> int:
     tick = time.perf_counter()
     captioner, history = train(config, out_dir=checkpoint)  # the LM from its spec, so the checkpoint reloads alone
     train_seconds = time.perf_counter() - tick
+    kept = keep_in_cache(args.preset, checkpoint)  # the lessons' course_captioner(preset) need not train it again
+    if kept:
+        print(f"the captioner is also cached in {kept}, for the lessons")
     print(f"[3/3] captioning {n_images} test and {n_images} held-out images")
     tick = time.perf_counter()
     captions = caption_splits(captioner, tokenizer, image_size=config.captioner.image_size, n_images=n_images,

@@ -68,7 +68,7 @@ from minivlm.lm import freeze, learning_rate, load_frozen_lm
 
 __all__ = [
     "LM_INITS", "PRECISIONS", "TrainConfig", "TRAIN_PRESETS", "batch_indices", "StepBatches", "batch_loader",
-    "learned_state", "train", "read_config", "load_captioner", "course_captioner",
+    "learned_state", "train", "read_config", "load_captioner", "course_captioner", "keep_in_cache",
 ]  # fmt: skip
 
 LM_INITS = ("pretrained", "random")  # the LM as loaded, or its architecture with random weights (a control)
@@ -429,6 +429,31 @@ def course_captioner(preset: str = "cpu", *, retrain: bool = False, progress: bo
     history = json.loads((directory / HISTORY).read_text())
     history.pop("step")
     return captioner, tokenizer, {"config": config, "history": history, "path": str(directory)}
+
+
+def keep_in_cache(preset: str, out_dir: str | Path) -> Path | None:
+    """Make a finished run of a preset's exact config its `course_captioner` cache entry, if it has none yet.
+
+    The demo trains the cpu preset into its report folder; without this, the lessons and benchmarks
+    that call course_captioner("cpu") afterwards would train the same captioner again. The run is
+    copied (the report keeps its own checkpoint), into a temporary folder renamed into place. Returns
+    the cache entry, or None where the run's config is not the preset's (other steps, say) or an entry
+    is already there.
+    """
+    from minivlm.lm import cache_dir
+
+    directory = cache_dir() / "captioner" / _cache_name(preset)
+    if read_config(out_dir).to_dict() != _resolve(preset).to_dict() or (directory / WEIGHTS).is_file():
+        return None
+    temp = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        shutil.copytree(out_dir, temp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(temp, directory)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return directory
 
 
 def _resume(out_dir: Path, config: TrainConfig, captioner: Captioner,

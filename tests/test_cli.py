@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from minivlm import train as T
 from minivlm.__main__ import main
 from minivlm.data.shapes import ShapesWorld
 
@@ -86,7 +89,7 @@ def test_every_command_explains_itself(command, capsys):
     assert out.startswith(f"usage: python -m minivlm {command}") and len(out.split("\n\n")[1]) > 40  # a description
 
 
-def test_demo_writes_the_report(tmp_path, cache, capsys):
+def test_demo_writes_the_report(tmp_path, cache, capsys, monkeypatch):
     """`python3 run.py demo` runs `demo` with the cpu preset; this is the same job on the tiny one."""
     out = tmp_path / "report"
     assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 0
@@ -98,7 +101,17 @@ def test_demo_writes_the_report(tmp_path, cache, capsys):
         with Image.open(out / name) as image:
             assert image.format == "PNG"
     assert (out / "checkpoint" / "config.json").is_file()  # `caption --checkpoint` can reuse it
+    # the lessons' course_captioner("tiny") now loads the demo's captioner instead of training it again
+    assert "also cached in" in printed
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "train", lambda *a, **k: pytest.fail("course_captioner trained what the demo cached"))
+        _, _, info = T.course_captioner("tiny", progress=False)
+    cached, trained = (load_file(Path(d) / "trainable.safetensors") for d in (info["path"], out / "checkpoint"))
+    assert cached.keys() == trained.keys() and all(torch.equal(v, trained[k]) for k, v in cached.items())
     assert main(["demo", "--preset", "tiny", "--steps", "2", "--images", "4", "--out", str(out)]) == 0  # again
+    assert "also cached in" not in capsys.readouterr().out  # 2 steps are not the preset: the cache keeps the first
+    assert all(torch.equal(v, w) for v, w in zip(cached.values(),
+                                                 load_file(Path(info["path"]) / "trainable.safetensors").values()))
 
 
 def test_caption_of_a_missing_or_unreadable_file_is_one_line(tmp_path, capsys):
