@@ -138,7 +138,8 @@ def complete(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment
 
 @torch.no_grad()
 def score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
-          candidates: Sequence[Sequence[str]], *, batch_size: int = 64, start_of_text: bool = True) -> Tensor:  # fmt: skip
+          candidates: Sequence[Sequence[str]], *, batch_size: int = 64,
+          start_of_text: bool = True) -> Tensor:  # fmt: skip
     """(B, K) log p(candidate | prompt), summed over the candidate's tokens; every prompt has K candidates.
     start_of_text: as in `embed_prompts`.
 

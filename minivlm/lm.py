@@ -6,7 +6,8 @@ makes that language model. Offline, it pretrains a small GPT-2 (the architecture
 2019, from `minivlm.gpt2`) on the course corpus (`minivlm.corpus`) with nanoGPT's recipe: packed
 documents (in windows that start where a document starts: see `document_starts`), AdamW with decay on
 the blocks' weight matrices only, linear warm-up then cosine decay, gradient clipping; one change: its
-learned position embeddings start as sinusoids (`sinusoidal_positions`). With internet, `load_frozen_lm("gpt2")` gives the real GPT-2 instead, behind the same call.
+learned position embeddings start as sinusoids (`sinusoidal_positions`). With internet,
+`load_frozen_lm("gpt2")` gives the real GPT-2 instead, behind the same call.
 
 The corpus is split by document index, so evaluation text is never trained on:
 held-out [0, H) | tokenizer [H, H + K) | training [H + K, H + K + N)   (see `document_ranges`).
@@ -89,8 +90,8 @@ class CourseLMConfig:
     # (Musat et al., 2025, "On the Emergence of Induction Heads for In-Context Learning")
     short_block_size: int = 32  # T of those first steps; B grows so that a step sees as many tokens
     steps: int = 6_000  # optimiser steps; tokens seen = steps * B * T (about 4 minutes on 2 CPU cores).
-    # Name binding is learned last: with 4,000 steps the LM bound names in 2-way text episodes about two
-    # times in three, with 6,000 about nine in ten (`bench/lm.py`)
+    # Name binding is learned last: in scratch runs with 4,000 steps it bound names in 2-way text episodes
+    # far less often than with 6,000 (`bench/lm.py` measures it; the README has the figures)
     lr: float = 2e-3  # peak learning rate, reached after the warm-up
     warmup: int = 600  # steps of linear warm-up from 0; then cosine decay to 10% of lr
     weight_decay: float = 0.1  # AdamW decay, on the blocks' weight matrices only (not embeddings, as in minGPT)

@@ -416,14 +416,7 @@ def course_captioner(preset: str = "cpu", *, retrain: bool = False, progress: bo
     lm, tokenizer = load_frozen_lm(config.lm)
     directory = cache_dir() / "captioner" / _cache_name(preset)
     if retrain or not (directory / WEIGHTS).is_file():
-        temp = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
-        shutil.rmtree(temp, ignore_errors=True)
-        try:
-            train(config, lm=lm, tokenizer=tokenizer, out_dir=temp, progress=progress)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(temp, directory)
-        finally:
-            shutil.rmtree(temp, ignore_errors=True)
+        _make_entry(directory, lambda temp: train(config, lm=lm, tokenizer=tokenizer, out_dir=temp, progress=progress))
         print(f"captioner '{preset}' cached in {directory}")
     captioner = load_captioner(directory, lm=lm)
     history = json.loads((directory / HISTORY).read_text())
@@ -445,15 +438,20 @@ def keep_in_cache(preset: str, out_dir: str | Path) -> Path | None:
     directory = cache_dir() / "captioner" / _cache_name(preset)
     if read_config(out_dir).to_dict() != _resolve(preset).to_dict() or (directory / WEIGHTS).is_file():
         return None
+    _make_entry(directory, lambda temp: shutil.copytree(out_dir, temp))
+    return directory
+
+
+def _make_entry(directory: Path, fill: Callable[[Path], object]) -> None:
+    """Fill a temporary folder beside `directory`, then rename it into place: no half-made cache entry survives."""
     temp = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
     shutil.rmtree(temp, ignore_errors=True)
     try:
-        shutil.copytree(out_dir, temp)
+        fill(temp)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(temp, directory)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    return directory
 
 
 def _resume(out_dir: Path, config: TrainConfig, captioner: Captioner,

@@ -80,7 +80,8 @@ def test_a_prompt_that_opens_with_text_opens_with_end_of_text_as_pretraining_tex
     table = cap.lm.get_input_embeddings()
     eot = table(torch.tensor([tokenizer.eos_token_id]))[0]
     text_first, image_first = ["hi", image, " this is a"], [image, " this is a"]
-    (with_start, mask), (without, _) = (fewshot.embed_prompts(cap, tokenizer, [text_first, image_first], start_of_text=s)
+    prompts = [text_first, image_first]
+    (with_start, mask), (without, _) = (fewshot.embed_prompts(cap, tokenizer, prompts, start_of_text=s)
                                         for s in (True, False))  # fmt: skip
     assert with_start.shape[1] == without.shape[1] + 1  # one more vector, in the text-first prompt only
     opens = mask[0].tolist().index(1)
@@ -92,7 +93,8 @@ def test_a_prompt_that_opens_with_text_opens_with_end_of_text_as_pretraining_tex
     assert_close(with_start[1, -(P + n) : -n], cap.prefix(image[None])[0])
     # complete and score read the same <|endoftext|> as a prompt that spells it out
     spelled = ["<|endoftext|>hi", image, " this is a"]
-    assert fewshot.complete(cap, tokenizer, [text_first]) == fewshot.complete(cap, tokenizer, [spelled], start_of_text=False)
+    said = fewshot.complete(cap, tokenizer, [text_first])
+    assert said == fewshot.complete(cap, tokenizer, [spelled], start_of_text=False)
     assert_close(fewshot.score(cap, tokenizer, [text_first], [[" dax.", " wug."]]),
                  fewshot.score(cap, tokenizer, [spelled], [[" dax.", " wug."]], start_of_text=False))  # fmt: skip
     assert not torch.allclose(fewshot.score(cap, tokenizer, [text_first], [[" dax.", " wug."]]),
