@@ -87,8 +87,8 @@ def main() -> None:
         "answer": answer_accuracy(model, tokenizer, [S.sample_scene("test", 0, i) for i in range(n)]),
         "binding": [
             {"ways": ways, "shots": 1, "task_induction": ti, "chance": 1 / ways, **{
-                key: binding_accuracy(model, tokenizer, ways=ways, shots=1, task_induction=ti, episodes=n, made_up=made_up)
-                for key, made_up in NAME_KINDS.items()}}
+                key: binding_accuracy(model, tokenizer, ways=ways, shots=1, task_induction=ti, episodes=n,
+                                      made_up=made_up) for key, made_up in NAME_KINDS.items()}}
             for ways in (2, 5) for ti in (True, False)
         ],  # fmt: skip
         "binding_echo": {key: binding_accuracy(model, tokenizer, ways=2, shots=1, task_induction=True, episodes=n,

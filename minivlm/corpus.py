@@ -37,10 +37,10 @@ and an induction head that finds the earlier " circle" cannot say it again if " 
 are one vector; the facts pulled them apart. `bench/lm.py` measures what the mix gives; the README has
 the figures.
 
-Half of the binding and recall documents name things with made-up words drawn fresh for the document ("kumo",
-"vefasi"), the other half with NAMES in a fresh pairing, so no name can be memorised: the only way to
-predict it is to find it earlier in the context. Every document is a pure function of
-(seed, index), like the shapes world's samples.
+Half of the binding and recall documents name things with made-up words drawn fresh for the document
+("kumo", "vefasi"), the other half with NAMES in a fresh pairing, so no name can be memorised: the only
+way to predict it is to find it earlier in the context. Every document is a pure function of (seed,
+index), like the shapes world's samples.
 
 The scenes come from the shapes world. `strict=True` keeps the held-out colour–shape pairs out of the
 text too (the stricter compositional test: the LM never read "a red triangle").

@@ -65,8 +65,8 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     was_training = model.training
     model.eval()
     out = []
+    start = tokenizer.eos_token if start_of_text else ""  # parsed as the special token, not its letters
     for i in range(0, len(prompts), batch_size):
-        start = tokenizer.eos_token if start_of_text else ""  # parsed as the special token, not its letters
         texts = [start + p for p in prompts[i : i + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True,
                           padding_side="left", add_special_tokens=False)  # fmt: skip
