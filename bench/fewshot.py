@@ -19,6 +19,7 @@ A cell whose prompts do not fit the LM's context (P vectors per image) prints "t
 Run from the repository root:
     .venv/bin/python bench/fewshot.py                    # the cpu captioner, 200 episodes a cell (a few minutes)
     .venv/bin/python bench/fewshot.py --quick            # the tiny captioner, 4 episodes a cell: proves it runs
+    .venv/bin/python bench/fewshot.py --preset cpu-words # the captioner whose prefix is written in words
     .venv/bin/python bench/fewshot.py --json out.json    # also write every number as JSON
 """
 

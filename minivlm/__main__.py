@@ -18,7 +18,7 @@ from pathlib import Path
 
 DEMO_OUT = "reports/demo"
 # images per evaluation split: seconds for tests, steady numbers for the course
-DEMO_IMAGES = {"tiny": 32, "cpu": 1000, "gpu": 1000, "gpu-224": 1000}
+DEMO_IMAGES = {"tiny": 32, "cpu": 1000, "cpu-words": 1000, "gpu": 1000, "gpu-224": 1000}
 
 
 def positive_int(text: str) -> int:
@@ -29,6 +29,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite float of at least 0, or argparse's one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text!r}")
     return value
 
 
@@ -64,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe = argparse.ArgumentParser(add_help=False)  # the options of train and demo
     recipe.add_argument("--preset", default="cpu", choices=sorted(TRAIN_PRESETS),
-                        help="training preset: 'cpu' the course's run, 'tiny' a smoke run of seconds, 'gpu' and "
+                        help="training preset: 'cpu' the course's run, 'cpu-words' it with a prefix written in "
+                        "words, 'tiny' a smoke run of seconds, 'gpu' and "
                         "'gpu-224' GPT-2 124M from the hub on GPUs, 64 or 224-pixel images (default: cpu)")  # fmt: skip
     recipe.add_argument("--steps", type=positive_int, help="optimiser steps (default: the preset's); a warm-up "
                         "longer than a tenth of them is cut to that")  # fmt: skip
@@ -83,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lm-init", choices=LM_INITS, help="'random': the control with an untrained, frozen LM "
                        "(default: pretrained)")  # fmt: skip
     train.add_argument("--train-lm", action="store_true", help="the control that fine-tunes the LM too")
+    train.add_argument("--word-alignment", type=non_negative_float, metavar="W", help="weight of the loss that "
+                       "writes each prefix vector nearest a word of the caption (default: the preset's)")  # fmt: skip
     train.add_argument("--lm", metavar="SPEC", help="the LM: 'course[:preset]', a hub name such as 'gpt2', or a "
                        "save_pretrained directory (default: the preset's)")  # fmt: skip
     train.add_argument("--out", default="runs/captioner", metavar="DIR",
@@ -184,12 +198,13 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
 
 
 def train_config(preset: str, steps: int | None = None, *, lm: str | None = None, lm_init: str | None = None,
-                 compile: bool | None = None, **captioner_changes):  # fmt: skip
+                 compile: bool | None = None, word_alignment: float | None = None, **captioner_changes):  # fmt: skip
     """A TRAIN_PRESETS config with the options given on the command line (None: the preset's) changed."""
     from minivlm.train import TRAIN_PRESETS
 
     config = TRAIN_PRESETS[preset]
-    changes = {k: v for k, v in (("lm", lm), ("lm_init", lm_init), ("compile", compile)) if v is not None}
+    given = (("lm", lm), ("lm_init", lm_init), ("compile", compile), ("word_alignment", word_alignment))
+    changes = {k: v for k, v in given if v is not None}
     if steps is not None:
         changes |= {"steps": steps, "warmup": min(config.warmup, steps // 10)}
     captioner = replace(config.captioner, **{k: v for k, v in captioner_changes.items() if v is not None})
@@ -203,7 +218,7 @@ def run_train(args: argparse.Namespace) -> int:
     from minivlm.train import train
 
     config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, compile=args.compile,
-                          mapper=args.mapper, prefix_length=args.prefix_length,
+                          word_alignment=args.word_alignment, mapper=args.mapper, prefix_length=args.prefix_length,
                           train_lm=args.train_lm or None)  # fmt: skip
     out = Path(args.out)
     with distributed.process_group():  # under torchrun: train() finds the group up; rank 0 reports below

@@ -80,6 +80,7 @@ class CaptionerOutput:
 
     logits: Tensor  # (B, P + T, V)
     loss: Tensor | None = None  # mean next-token cross-entropy over the caption's labelled tokens
+    prefix: Tensor | None = None  # (B, P, D) the visual prefix the logits were computed from
 
 
 class Captioner(nn.Module):
@@ -168,13 +169,14 @@ class Captioner(nn.Module):
         embeds, _ = self.embed(images, input_ids, attention_mask)  # checks the mask's shape
         positions = repeat(torch.arange(embeds.shape[1], device=embeds.device), "s -> b s", b=embeds.shape[0])
         logits = self.lm(inputs_embeds=embeds, position_ids=positions).logits  # (B, P + T, V)
+        prefix = embeds[:, : self.prefix_length]  # (B, P, D)
         if labels is None:
-            return CaptionerOutput(logits)
+            return CaptionerOutput(logits, prefix=prefix)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
         ignored = labels.new_full((labels.shape[0], self.prefix_length), IGNORE_INDEX)  # (B, P): not predicted
         # Shifted inside: position P-1 (the last prefix vector) predicts the caption's first token.
-        return CaptionerOutput(logits, next_token_loss(logits, torch.cat([ignored, labels], dim=1)))
+        return CaptionerOutput(logits, next_token_loss(logits, torch.cat([ignored, labels], dim=1)), prefix)
 
     def prompt_embeds(self, images: Tensor, prompt_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Where generation starts: (inputs_embeds (B, P + T, D), attention_mask), the prefix and an optional prompt.

@@ -24,7 +24,17 @@ by a fixed target length, `embedding_scale(lm)`: the root mean square of the len
 embedding vectors, computed once and stored as a buffer (saved with the mapper, never trained). The
 mapper still chooses each vector's direction, which is all that a vector of known length can say.
 
-Axis letters: B batch, F features, P prefix tokens, D the LM's embedding width, K feature tokens.
+**Written in words** (`word_alignment_loss`, optional). Captioning alone lets the mapper write any
+vectors that make the LM say the caption; they need not look like any of the LM's words (the course
+captioner's are not nearest the words of their captions). Then the LM can caption an image but not
+*reason* about it in context: its in-context look-ups (name binding, lesson 08) match words, and an
+image that matches no word is found by none of them. The alignment loss asks each prefix vector to be,
+of all the LM's token embeddings, nearest the caption word it stands for: the P vectors are read as the
+caption's last P tokens ("small red circle ." for "a small red circle."). It is a cross-entropy over the
+vocabulary of cosine similarities, so only the direction is trained, as the normalisation leaves it.
+
+Axis letters: B batch, F features, P prefix tokens, D the LM's embedding width, K feature tokens, T
+caption tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -34,9 +44,14 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from minivlm.data.captions import IGNORE_INDEX
+
 __all__ = [
     "embedding_scale", "PrefixMapper", "LinearMapper", "MLPMapper", "TransformerMapper", "MAPPERS", "build_mapper",
+    "WORD_TEMPERATURE", "word_targets", "word_alignment_loss",
 ]  # fmt: skip
+
+WORD_TEMPERATURE = 0.1  # cosine similarities / this are the logits of the word-alignment loss
 
 
 @torch.no_grad()
@@ -141,3 +156,34 @@ def build_mapper(kind: str, in_dim: int, embed_dim: int, prefix_length: int, tar
     if kind not in MAPPERS:
         raise ValueError(f"unknown mapper kind {kind!r}; choose one of {sorted(MAPPERS)}")
     return MAPPERS[kind](in_dim, embed_dim, prefix_length, target_scale, **options)
+
+
+def word_targets(labels: Tensor, prefix_length: int) -> Tensor:
+    """(B, P) the token each prefix vector should be nearest: the caption's last P tokens before its end-of-text.
+
+    labels: (B, T) the captions' token ids, right-padded with -100, each ending with its end-of-text
+    token (as `CaptionCollator` makes them). A caption of fewer than P tokens leaves the first slots
+    -100 (no target).
+    """
+    if labels.ndim != 2:
+        raise ValueError(f"expected labels of shape (B, T), got {tuple(labels.shape)}")
+    words = (labels != IGNORE_INDEX).sum(dim=1) - 1  # (B,) caption tokens, end-of-text not counted
+    if (words < 1).any():
+        raise ValueError("every caption needs at least one token before its end-of-text")
+    index = words[:, None] - prefix_length + torch.arange(prefix_length, device=labels.device)  # (B, P)
+    targets = labels.gather(1, index.clamp(min=0))
+    return targets.masked_fill(index < 0, IGNORE_INDEX)
+
+
+def word_alignment_loss(prefix: Tensor, table: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of reading each prefix vector as the caption word `word_targets` assigns it.
+
+    prefix: (B, P, D); table: (V, D) the LM's token embeddings (frozen: no gradient reaches them);
+    labels: (B, T) as in `word_targets`. The logits are cosine similarities / WORD_TEMPERATURE.
+    """
+    if prefix.ndim != 3 or prefix.shape[-1] != table.shape[-1]:
+        raise ValueError(f"expected a prefix (B, P, {table.shape[-1]}), got {tuple(prefix.shape)}")
+    targets = word_targets(labels, prefix.shape[1])  # (B, P)
+    words = F.normalize(table.detach().float(), dim=-1)  # (V, D)
+    logits = F.normalize(prefix.float(), dim=-1) @ words.T / WORD_TEMPERATURE  # (B, P, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -65,6 +65,7 @@ from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.lm import freeze, learning_rate, load_frozen_lm
+from minivlm.prefix import word_alignment_loss
 
 __all__ = [
     "LM_INITS", "PRECISIONS", "TrainConfig", "TRAIN_PRESETS", "batch_indices", "StepBatches", "batch_loader",
@@ -76,7 +77,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # autocast: bfloat16 on a GPU and float32
 # fields a resumed run may change: they decide how fast and how loudly it runs, not what it learns
 BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch")
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
-ADDED_FIELDS = ("precision", "compile", "workers", "prefetch")
+ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment")
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
 CAPTIONER_CACHE_VERSION = 2  # bump when training code or data change what a config trains: cached captioners retrain (2: canonical captions)
@@ -104,6 +105,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decay, on weight matrices only
     grad_clip: float = 1.0  # the gradients' global norm is clipped to this
     seed: int = 0  # the vision side's init, the batch order, and the random LM of lm_init="random"
+    word_alignment: float = 0.0  # weight of prefix.word_alignment_loss beside the caption's (0: captioning alone)
     # bookkeeping: none of it changes what is learned (see BOOKKEEPING)
     sample_every: int = 250  # print sample captions every this many steps (0: never)
     checkpoint_every: int = 500  # with an out_dir, save a checkpoint every this many steps and at the end
@@ -132,7 +134,7 @@ class TrainConfig:
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "sample_every", "data_seed", "seed", "workers"):
+        for name in ("weight_decay", "sample_every", "data_seed", "seed", "workers", "word_alignment"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_length < 2:
@@ -168,13 +170,15 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
                    checkpoint_every=1_000, workers=4, prefetch=4)  # fmt: skip
 
 # "tiny": a smoke run of seconds with the tiny course LM (its 300-token BPE spells a caption in up to 58
-# tokens). "cpu": the course's run, about 0.3 s a step on one CPU core: 10 minutes. "gpu-224": "gpu" at
+# tokens). "cpu": the course's run, about 0.3 s a step on one CPU core: 10 minutes. "cpu-words": "cpu" with
+# its prefix also written in words (`minivlm.prefix.word_alignment_loss`), for few-shot prompting. "gpu-224": "gpu" at
 # ImageNet's 224 pixels; its 20,000 images take 3 GB as uint8, rendered once by each process.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(lm="course:tiny", captioner=CAPTIONER_PRESETS["tiny"], train_images=512, max_length=64,
                         batch_size=16, steps=40, lr=3e-3, warmup=4, sample_every=20, checkpoint_every=20,
                         threads=1),  # fmt: skip
     "cpu": TrainConfig(),
+    "cpu-words": TrainConfig(word_alignment=0.3),
     "gpu": _GPU,
     "gpu-224": replace(_GPU, captioner=replace(_GPU.captioner, image_size=224), train_images=20_000),
 }
@@ -489,7 +493,8 @@ def train(config: TrainConfig | str = "cpu", *, lm: nn.Module | None = None, tok
     out_dir: where checkpoints go (none without one); resume=True continues the checkpoint there (or
     starts one), and without resume an existing checkpoint is an error rather than overwritten.
     callback(step, captioner, history) runs after each step and its checkpoint, `step` steps done.
-    history: per-step "loss", "lr" and "grad_norm". The caller's random state is left as it was.
+    history: per-step "loss" (the caption's), "lr" and "grad_norm", and with word_alignment "word_loss".
+    The caller's random state is left as it was.
     Started by torchrun, every rank calls train() and gets the same result; rank 0 alone prints and
     writes (`minivlm.distributed`), and the callback runs on every rank.
     """
@@ -522,7 +527,7 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
     captioner = _build_captioner(config, lm).to(device).train()
     params = captioner.trainable_parameters()
     optimizer = _adamw(params, config)
-    start, history = 0, {"loss": [], "lr": [], "grad_norm": []}
+    start, history = 0, {"loss": [], "lr": [], "grad_norm": [], **({"word_loss": []} if config.word_alignment else {})}
     if out_dir is not None and (out_dir / WEIGHTS).exists():  # every rank reads; none has written yet
         if not resume:
             raise FileExistsError(f"{out_dir} already holds a checkpoint; pass resume=True to continue it, "
@@ -545,9 +550,13 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
         images, ids, mask, labels = (batch[k].to(device, non_blocking=True)
                                      for k in ("images", "input_ids", "attention_mask", "labels"))  # fmt: skip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16(device)):
-            loss = model(images, ids, mask, labels).loss  # the mean over this rank's labelled tokens
+            out = model(images, ids, mask, labels)  # out.loss: the mean over this rank's labelled tokens
         # With W ranks: what to backpropagate so that DDP's average is the global batch's gradient, and that mean.
-        loss, mean = distributed.token_mean(loss, (labels != IGNORE_INDEX).sum())
+        loss, mean = distributed.token_mean(out.loss, (labels != IGNORE_INDEX).sum())
+        if config.word_alignment:  # a mean over this rank's prefix vectors; DDP averages it over the ranks
+            words = word_alignment_loss(out.prefix, captioner.lm.get_input_embeddings().weight, labels)
+            loss = loss + config.word_alignment * words
+            history["word_loss"].append(words.item())  # this rank's (rank 0's in the log)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # with DDP, the gradients are all-reduced as they are computed
         norm = nn.utils.clip_grad_norm_(params, config.grad_clip)  # the norm before clipping

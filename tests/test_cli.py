@@ -125,8 +125,11 @@ def test_caption_of_a_missing_or_unreadable_file_is_one_line(tmp_path, capsys):
 def test_train_evaluate_caption_round_trip(tmp_path, cache, capsys):
     run = str(tmp_path / "run")
     assert main(["train", "--preset", "tiny", "--steps", "4", "--mapper", "mlp", "--prefix-length", "3",
-                 "--out", run]) == 0  # fmt: skip
+                 "--word-alignment", "0.5", "--out", run]) == 0  # fmt: skip
     assert "trained 4 steps" in capsys.readouterr().out and (tmp_path / "run" / "loss.png").is_file()
+    config = T.read_config(run)
+    assert (config.steps, config.captioner.mapper, config.captioner.prefix_length, config.word_alignment) == (
+        4, "mlp", 3, 0.5)  # fmt: skip
     assert main(["train", "--preset", "tiny", "--steps", "4", "--out", run]) == 2  # not overwritten without --resume
     assert "already holds a checkpoint: add --resume" in one_error_line(capsys)
 
@@ -147,6 +150,9 @@ def test_bad_options_and_checkpoints_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["train", "--preset", "tiny", "--steps", "0"])
     assert done.value.code == 2 and "must be a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--preset", "tiny", "--word-alignment", "-1"])
+    assert done.value.code == 2 and "must be a number of at least 0, got '-1'" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "holds no complete checkpoint" in one_error_line(capsys)
     assert main(["train", "--preset", "tiny", "--lm", "no-such-lm", "--out", str(tmp_path / "run")]) == 2

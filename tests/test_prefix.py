@@ -1,5 +1,5 @@
 """Prefix mappers: (B, F) -> (B, P, D) for every kind, each vector scaled to the LM's embedding length, all weights
-learning, and errors for bad sizes and unknown kinds."""
+learning, and errors for bad sizes and unknown kinds; the word-alignment loss and its targets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 from torch.testing import assert_close
 
 from minivlm.gpt2 import GPT2, GPT2Config
-from minivlm.prefix import MAPPERS, TransformerMapper, build_mapper, embedding_scale
+from minivlm.prefix import (
+    MAPPERS, WORD_TEMPERATURE, TransformerMapper, build_mapper, embedding_scale, word_alignment_loss, word_targets,
+)  # fmt: skip
 
 F_, D, P = 24, 32, 3  # features, LM width, prefix length
 
@@ -82,3 +84,32 @@ def test_errors():
         build_mapper("transformer", F_, D, P, 1.0, heads=5)
     with pytest.raises(ValueError, match=r"expected features of shape \(B, 24\), got \(2, 25\)"):
         build_mapper("mlp", F_, D, P, 1.0)(torch.randn(2, 25))
+
+
+def test_word_targets_are_the_captions_last_tokens_before_end_of_text():
+    eot, pad = 0, -100
+    labels = torch.tensor([[5, 6, 7, 8, 9, eot], [5, 6, eot, pad, pad, pad], [4, eot, pad, pad, pad, pad]])
+    assert word_targets(labels, 3).tolist() == [[7, 8, 9], [pad, 5, 6], [pad, pad, 4]]  # short captions: no target
+    assert word_targets(labels, 1).tolist() == [[9], [6], [4]]
+    with pytest.raises(ValueError, match="at least one token"):
+        word_targets(torch.tensor([[eot, pad]]), 2)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        word_targets(torch.tensor([5, eot]), 1)
+
+
+def test_word_alignment_loss_is_low_on_the_right_words_and_reaches_only_the_prefix(lm):
+    table = lm.get_input_embeddings().weight  # (V, D)
+    labels = torch.tensor([[5, 6, 7, 0], [9, 10, 0, -100]])  # P = 2: targets (6, 7) and (9, 10)
+    right = table[torch.tensor([[6, 7], [9, 10]])].detach().clone().requires_grad_(True)  # (B, P, D)
+    wrong = table[torch.tensor([[7, 6], [10, 9]])].detach().clone()
+    low, high = word_alignment_loss(right, table, labels), word_alignment_loss(wrong, table, labels)
+    assert low < high
+    # by hand: -log softmax(cos / T) at the target, averaged over the four slots
+    cos = torch.nn.functional.cosine_similarity(right.detach()[:, :, None], table.detach()[None, None], dim=-1)
+    expected = -(cos / WORD_TEMPERATURE).log_softmax(-1)[[0, 0, 1, 1], [0, 1, 0, 1], [6, 7, 9, 10]].mean()
+    assert_close(low.detach(), expected, atol=1e-5, rtol=1e-5)
+    assert_close(word_alignment_loss(3 * right.detach(), table, labels), low.detach())  # only the direction counts
+    low.backward()
+    assert right.grad is not None and table.grad is None  # the LM's embeddings get no gradient
+    with pytest.raises(ValueError, match="prefix"):
+        word_alignment_loss(right.detach()[..., :-1], table, labels)

@@ -128,6 +128,31 @@ def test_lm_is_bit_identical_after_training_and_changes_in_the_control(lm, token
     assert any(name.startswith("lm.") for name in learned_state(tuned))  # the control saves its LM weights
 
 
+def test_word_alignment_writes_the_prefix_in_words_and_leaves_the_lm_frozen(lm, tokenizer):
+    """With word_alignment the prefix is pulled towards the caption's words; the LM still does not move."""
+    from minivlm.prefix import word_alignment_loss
+
+    before = lm_state(lm)
+    config = replace(CONFIG, word_alignment=1.0, steps=30, warmup=2, lr=3e-3)
+    captioner, history = train(config, lm=lm, tokenizer=tokenizer, progress=False)
+    assert len(history["word_loss"]) == len(history["loss"]) == 30
+    assert np.mean(history["word_loss"][-5:]) < 0.5 * np.mean(history["word_loss"][:5])
+    assert all(torch.equal(before[k], t) for k, t in lm_state(captioner.lm).items())
+    assert "word_loss" not in train(replace(config, word_alignment=0.0, steps=1, warmup=0), lm=lm,
+                                    tokenizer=tokenizer, progress=False)[1]  # fmt: skip
+    # the run's own words: its prefix is nearer the captions' last tokens than an untrained one's
+    from minivlm.data.captions import CaptionCollator, ShapesCaptions
+    from minivlm.data.shapes import ShapesWorld
+
+    data = ShapesCaptions(ShapesWorld("train", 32, 0, 16))
+    batch = CaptionCollator(tokenizer, config.max_length)([data[i] for i in range(16)])
+    fresh = T._build_captioner(config, lm).eval()  # the same init, untrained
+    with torch.no_grad():
+        losses = [word_alignment_loss(c.prefix(batch["images"]), lm.get_input_embeddings().weight, batch["labels"])
+                  for c in (captioner, fresh)]  # fmt: skip
+    assert losses[0] < losses[1]
+
+
 def test_random_lm_control_is_frozen_and_rebuilt_on_load(lm, tokenizer, tmp_path):
     config = replace(CONFIG, lm_init="random", steps=1, warmup=0)
     captioner, _ = train(config, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False)
@@ -173,7 +198,7 @@ def test_samples_are_printed_and_loss_curve_is_a_png(lm, tokenizer, run, tmp_pat
 @pytest.mark.parametrize(
     "field, value",
     [("lm_init", "frozen"), ("steps", 0), ("warmup", 4), ("batch_size", 0), ("train_images", 4), ("lr", 0.0),
-     ("max_length", 1), ("sample_every", -1), ("checkpoint_every", 0)],
+     ("max_length", 1), ("sample_every", -1), ("checkpoint_every", 0), ("word_alignment", -0.1)],
 )  # fmt: skip
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
