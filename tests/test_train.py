@@ -15,7 +15,10 @@ from safetensors.torch import load_file
 
 import minivlm.train as T
 from minivlm.captioner import CAPTIONER_PRESETS
+from minivlm.data.captions import CaptionCollator, ShapesCaptions
+from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
+from minivlm.prefix import word_alignment_loss
 from minivlm.report import save_loss_curve
 from minivlm.train import TrainConfig, batch_indices, learned_state, load_captioner, read_config, train
 
@@ -130,8 +133,6 @@ def test_lm_is_bit_identical_after_training_and_changes_in_the_control(lm, token
 
 def test_word_alignment_writes_the_prefix_in_words_and_leaves_the_lm_frozen(lm, tokenizer):
     """With word_alignment the prefix is pulled towards the caption's words; the LM still does not move."""
-    from minivlm.prefix import word_alignment_loss
-
     before = lm_state(lm)
     config = replace(CONFIG, word_alignment=1.0, steps=30, warmup=2, lr=3e-3)
     captioner, history = train(config, lm=lm, tokenizer=tokenizer, progress=False)
@@ -141,9 +142,6 @@ def test_word_alignment_writes_the_prefix_in_words_and_leaves_the_lm_frozen(lm, 
     assert "word_loss" not in train(replace(config, word_alignment=0.0, steps=1, warmup=0), lm=lm,
                                     tokenizer=tokenizer, progress=False)[1]  # fmt: skip
     # the run's own words: its prefix is nearer the captions' last tokens than an untrained one's
-    from minivlm.data.captions import CaptionCollator, ShapesCaptions
-    from minivlm.data.shapes import ShapesWorld
-
     data = ShapesCaptions(ShapesWorld("train", 32, 0, 16))
     batch = CaptionCollator(tokenizer, config.max_length)([data[i] for i in range(16)])
     fresh = T._build_captioner(config, lm).eval()  # the same init, untrained
