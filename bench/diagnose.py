@@ -196,7 +196,8 @@ def train_oracle(
         batch = collate([(features[i], captions[i]) for i in rows])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, peak=config.lr, warmup=config.warmup, steps=config.steps)
-        loss = captioner(batch["images"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+        loss = captioner(batch["images"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                         length_groups=config.length_groups).loss  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)

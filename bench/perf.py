@@ -73,12 +73,15 @@ class Setup:
     caption_tokens: int = 0  # T of random captions of fixed length; 0: shapes-world captions, right-padded
     bf16: bool = False  # bfloat16 autocast (a GPU's fast path; slow on most CPUs)
     compile: bool = False  # torch.compile the captioner first
+    length_groups: int = 0  # the LM reads the batch in this many groups of similar caption length (0: one)
 
 
 def preset_setup(name: str, **changes) -> Setup:
     """The setup of a TRAIN_PRESETS entry (its LM, captioner, batch size and captions), with any field changed."""
     config = TRAIN_PRESETS[name]
-    return replace(Setup(config.lm, config.captioner, config.batch_size, config.max_length), **changes)
+    setup = Setup(config.lm, config.captioner, config.batch_size, config.max_length,
+                  length_groups=config.length_groups)  # fmt: skip
+    return replace(setup, **changes)
 
 
 SETUPS = {
@@ -88,9 +91,10 @@ SETUPS = {
     # 24 random tokens (COCO's average caption is about 12 words, 14 GPT-2 tokens).
     "gpu-224": preset_setup("gpu-224", lm="random:gpt2", caption_tokens=24, bf16=True, compile=True),
     # Tiny versions of both, for --quick.
-    "tiny": preset_setup("tiny"),
+    "tiny": preset_setup("tiny", length_groups=2),
     "gpu-tiny": preset_setup("tiny", lm="random:tiny", caption_tokens=12),
 }
+PADDED = "frozen, one padded batch"  # section 4's extra row for a setup with length groups
 
 
 @dataclass(frozen=True)
@@ -265,17 +269,18 @@ def training_batch(setup: Setup, lm: GPT2, tokenizer, device: torch.device) -> d
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_step(model: nn.Module, params: list[nn.Parameter], optimizer, batch: dict, bf16: bool) -> None:
+def train_step(model: nn.Module, params: list[nn.Parameter], optimizer, batch: dict, bf16: bool,
+               length_groups: int) -> None:  # fmt: skip
     """One optimiser step, as minivlm.train takes it: forward (bf16 autocast on a GPU), backward, clip, AdamW."""
     with torch.autocast(batch["images"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = model(**batch).loss
+        loss = model(**batch, length_groups=length_groups).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
 
 
-def count_flops(captioner: Captioner, batch: dict, bf16: bool) -> tuple[int, dict[str, int]]:
+def count_flops(captioner: Captioner, batch: dict, bf16: bool, length_groups: int) -> tuple[int, dict[str, int]]:
     """(forward + backward FLOPs of one step, forward FLOPs per part): matrix products and convolutions.
 
     Counted with the from-scratch attention (impl="math"), whose matrix products the counter sees:
@@ -289,7 +294,7 @@ def count_flops(captioner: Captioner, batch: dict, bf16: bool) -> tuple[int, dic
     try:
         with torch.autocast(batch["images"].device.type, dtype=torch.bfloat16, enabled=bf16):
             with FlopCounterMode(display=False) as forward:
-                loss = captioner(**batch).loss
+                loss = captioner(**batch, length_groups=length_groups).loss
         with FlopCounterMode(display=False) as backward:
             loss.backward()
     finally:
@@ -365,11 +370,11 @@ def prepare_training(setup: Setup, train_lm: bool, device: torch.device) -> tupl
     torch.manual_seed(0)
     captioner = Captioner.from_config(lm, replace(setup.captioner, train_lm=train_lm)).to(device).train()
     batch = training_batch(setup, lm, tokenizer, device)
-    flops, parts = count_flops(captioner, batch, setup.bf16)
+    flops, parts = count_flops(captioner, batch, setup.bf16, setup.length_groups)
     params = captioner.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     model = torch.compile(captioner) if setup.compile else captioner
-    step = partial(train_step, model, params, optimizer, batch, setup.bf16)
+    step = partial(train_step, model, params, optimizer, batch, setup.bf16, setup.length_groups)
     info = dict(train_lm=train_lm, trained_parameters=sum(p.numel() for p in params),
                 weights_mb=sum(p.numel() * p.element_size() for p in captioner.parameters()) / 2**20,
                 step_memory_mb=step_memory(step, device) / 2**20, flops_per_image=flops / setup.batch_size,
@@ -383,8 +388,11 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
     for name in sizes.train_setups:
         setup = SETUPS[name]
         steps, rows = {}, {}
-        for label, train_lm in (("frozen", False), ("fine-tuned", True)):
-            steps[label], rows[label] = prepare_training(setup, train_lm, device)
+        variants = [("frozen", False, setup), ("fine-tuned", True, setup)]
+        if setup.length_groups:  # what grouping the captions by length saves: the frozen LM on one padded batch
+            variants.append((PADDED, False, replace(setup, length_groups=0)))
+        for label, train_lm, variant in variants:
+            steps[label], rows[label] = prepare_training(variant, train_lm, device)
         warmup, rounds = sizes.train_steps
         seconds = best_seconds(steps, rounds, warmup, device)  # one step of each in turn
         matmul, peak = matmul_speed(sizes.matmul_size, device), peak_tflops(device)
@@ -398,6 +406,7 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
                      memory_mb=tuned["step_memory_mb"] - frozen["step_memory_mb"])  # fmt: skip
         print(f"\n4. Captioner training, setup {name!r}: LM {setup.lm!r}, {setup.captioner.image_size} px, "
               f"batch {setup.batch_size}, {'bf16' if setup.bf16 else 'float32'}{', compiled' if setup.compile else ''}"
+              f"{f', captions in {setup.length_groups} length groups' if setup.length_groups else ''}"
               f", fastest of {rounds} steps each, in turns")  # fmt: skip
         show([(label, f"{r['images_per_s']:.0f}", f"{r['trained_parameters']:,}", f"{r['step_memory_mb']:.0f}",
                f"{r['flops_per_image'] / 1e9:.3f}", f"{r['achieved_tflops']:.3f}", f"{r['of_matmul']:.0%}",
@@ -405,6 +414,10 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
              ("LM", "images/s", "trained params", "step MB", "GFLOP/image", "TFLOP/s", "of matmul", "MFU"))  # fmt: skip
         print(f"  freezing: {saved['speed']:.2f}x the images/s, {saved['memory_mb']:.0f} MB less memory per step "
               f"(weights: {frozen['weights_mb']:.0f} MB either way)")  # fmt: skip
+        if PADDED in rows:
+            saved["length_groups_speed"] = frozen["images_per_s"] / rows[PADDED]["images_per_s"]
+            print(f"  length groups: {saved['length_groups_speed']:.2f}x the images/s of one batch padded to its "
+                  f"longest caption ({PADDED!r})")  # fmt: skip
         print("  step MB: tensor memory the first step adds (kept activations, gradients, AdamW state)")
         print("  GFLOP/image: matrix products and convolutions, forward + backward, counted; forward by part: "
               + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in frozen["forward_flops_per_image"].items()))
@@ -415,7 +428,7 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
             print("  target: MFU >= 40% on an H100, LM frozen")
         results.append(dict(setup=name, batch_size=setup.batch_size, image_size=setup.captioner.image_size,
                             bf16=setup.bf16, compiled=setup.compile, matmul=matmul, peak_tflops=peak,
-                            frozen=frozen, fine_tuned=tuned, freezing_saves=saved))  # fmt: skip
+                            frozen=frozen, fine_tuned=tuned, padded=rows.get(PADDED), saves=saved))  # fmt: skip
     return results
 
 

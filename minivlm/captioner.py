@@ -78,7 +78,7 @@ CAPTIONER_PRESETS: dict[str, CaptionerConfig] = {
 class CaptionerOutput:
     """What a forward pass returns: the LM's logits over prefix and caption, and the loss when labels were given."""
 
-    logits: Tensor  # (B, P + T, V)
+    logits: Tensor | None  # (B, P + T, V); None when forward grouped the captions by length
     loss: Tensor | None = None  # mean next-token cross-entropy over the caption's labelled tokens
     prefix: Tensor | None = None  # (B, P, D) the visual prefix the logits were computed from
 
@@ -158,25 +158,57 @@ class Captioner(nn.Module):
         return torch.cat([prefix, tokens], dim=1), torch.cat([ones, attention_mask], dim=1)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None) -> CaptionerOutput:  # fmt: skip
+                labels: Tensor | None = None, *, length_groups: int = 0) -> CaptionerOutput:  # fmt: skip
         """Logits (B, P + T, V) for prefix + caption; with labels (B, T), unshifted, -100 on padding, the loss too.
 
         Captions are right-padded (as `CaptionCollator` makes them), so positions are simply 0 .. P+T-1,
         and the LM needs no attention mask at all: in a causal LM a real token only sees tokens before it,
         never the padding after it, and the loss skips the padded positions. Without a mask, PyTorch's
         fused attention can take its fastest path (FlashAttention on a GPU).
+
+        length_groups=G > 0 (with labels): the loss alone, the same up to rounding, and no logits. The
+        captions are sorted by length and cut into G groups, and the LM reads each group padded only to
+        its own longest caption. In a shapes-world batch, padding to the longest caption is a large share
+        of the LM's positions (a 1-object caption is about a quarter as long as a 3-object one); the cpu
+        training preset skips most of it this way (`bench/perf.py` counts the FLOPs saved).
         """
+        if length_groups:
+            if labels is None:
+                raise ValueError("length_groups computes the loss alone, so it needs labels")
+            return self._grouped_loss(images, input_ids, attention_mask, labels, length_groups)
         embeds, _ = self.embed(images, input_ids, attention_mask)  # checks the mask's shape
-        positions = repeat(torch.arange(embeds.shape[1], device=embeds.device), "s -> b s", b=embeds.shape[0])
-        logits = self.lm(inputs_embeds=embeds, position_ids=positions).logits  # (B, P + T, V)
+        logits = self._logits(embeds)  # (B, P + T, V)
         prefix = embeds[:, : self.prefix_length]  # (B, P, D)
         if labels is None:
             return CaptionerOutput(logits, prefix=prefix)
+        return CaptionerOutput(logits, next_token_loss(logits, self._shifted_labels(input_ids, labels)), prefix)
+
+    def _logits(self, embeds: Tensor) -> Tensor:
+        """The LM's logits (B, S, V) for embeddings (B, S, D) whose rows start at position 0."""
+        positions = repeat(torch.arange(embeds.shape[1], device=embeds.device), "s -> b s", b=embeds.shape[0])
+        return self.lm(inputs_embeds=embeds, position_ids=positions).logits
+
+    def _shifted_labels(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """labels (B, T) extended over the prefix: (B, P + T), IGNORE_INDEX on the P prefix positions."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
         ignored = labels.new_full((labels.shape[0], self.prefix_length), IGNORE_INDEX)  # (B, P): not predicted
-        # Shifted inside: position P-1 (the last prefix vector) predicts the caption's first token.
-        return CaptionerOutput(logits, next_token_loss(logits, torch.cat([ignored, labels], dim=1)), prefix)
+        # Shifted in next_token_loss: position P-1 (the last prefix vector) predicts the caption's first token.
+        return torch.cat([ignored, labels], dim=1)
+
+    def _grouped_loss(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                      groups: int) -> CaptionerOutput:  # fmt: skip
+        """forward's loss with the LM run on `groups` groups of captions of similar length (see forward)."""
+        embeds, mask = self.embed(images, input_ids, attention_mask)  # (B, P + T, D), (B, P + T)
+        labels = self._shifted_labels(input_ids, labels)  # (B, P + T)
+        lengths = mask.sum(dim=1)  # (B,) prefix and caption, EOT included
+        total = embeds.new_zeros(())
+        for rows in torch.argsort(lengths).chunk(groups):  # shortest captions first
+            s = int(lengths[rows].max())  # this group's longest row: the padding after it is never read
+            logits = self._logits(embeds[rows, :s])  # (B_g, s, V)
+            total = total + next_token_loss(logits, labels[rows, :s], reduction="sum")
+        loss = total / (labels != IGNORE_INDEX).sum()  # the mean over every labelled token of the batch
+        return CaptionerOutput(None, loss, embeds[:, : self.prefix_length])
 
     def prompt_embeds(self, images: Tensor, prompt_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Where generation starts: (inputs_embeds (B, P + T, D), attention_mask), the prefix and an optional prompt.

@@ -75,9 +75,9 @@ __all__ = [
 LM_INITS = ("pretrained", "random")  # the LM as loaded, or its architecture with random weights (a control)
 PRECISIONS = ("auto", "bf16", "fp32")  # autocast: bfloat16 on a GPU and float32 on the CPU, or either everywhere
 # fields a resumed run may change: they decide how fast and how loudly it runs, not what it learns
-BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch")
+BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch", "length_groups")
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
-ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment")
+ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups")
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
 CAPTIONER_CACHE_VERSION = 2  # bump when training code or data change what a config trains: cached captioners retrain (2: canonical captions)
@@ -115,6 +115,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the captioner: about a minute of compiling, then faster steps on a GPU
     workers: int = 0  # DataLoader processes that build the next batches while this one trains (0: none)
     prefetch: int = 2  # batches each worker keeps ready
+    length_groups: int = 0  # G > 0: the LM reads each batch in G groups of similar caption length, padded
+    # to their own longest (`Captioner.forward`); the same loss, fewer padded positions (0: one padded batch)
 
     def __post_init__(self):
         if self.lm_init not in LM_INITS:
@@ -134,7 +136,7 @@ class TrainConfig:
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "sample_every", "data_seed", "seed", "workers", "word_alignment"):
+        for name in ("weight_decay", "sample_every", "data_seed", "seed", "workers", "word_alignment", "length_groups"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_length < 2:
@@ -550,7 +552,8 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
         images, ids, mask, labels = (batch[k].to(device, non_blocking=True)
                                      for k in ("images", "input_ids", "attention_mask", "labels"))  # fmt: skip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16(device)):
-            out = model(images, ids, mask, labels)  # out.loss: the mean over this rank's labelled tokens
+            out = model(images, ids, mask, labels, length_groups=config.length_groups)  # out.loss: the mean
+            # over this rank's labelled tokens
         # With W ranks: what to backpropagate so that DDP's average is the global batch's gradient, and that mean.
         loss, mean = distributed.token_mean(out.loss, (labels != IGNORE_INDEX).sum())
         if config.word_alignment:  # a mean over this rank's prefix vectors; DDP averages it over the ranks

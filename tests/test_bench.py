@@ -101,6 +101,9 @@ def test_perf_benchmark_quick_run_prints_every_ratio(tmp_path):
         for r in (frozen, tuned):
             assert r["images_per_s"] > 0 and r["mfu"] is None  # no datasheet peak for a CPU
             assert math.isclose(r["achieved_tflops"] * 1e12, r["flops_per_image"] * r["images_per_s"], rel_tol=1e-9)
+    tiny = results["training"][0]  # shapes-world captions in 2 length groups: the padding they skip is not computed
+    assert tiny["padded"]["flops_per_image"] > tiny["frozen"]["flops_per_image"]
+    assert tiny["saves"]["length_groups_speed"] > 0 and results["training"][1]["padded"] is None
 
 
 def test_perf_flop_count_is_the_textbook_formula(monkeypatch):
@@ -120,7 +123,7 @@ def test_perf_flop_count_is_the_textbook_formula(monkeypatch):
         torch.manual_seed(0)
         lm = GPT2(GPT2Config.from_preset("tiny"))
         captioner = Captioner.from_config(lm, replace(CAPTIONER_PRESETS["tiny"], train_lm=train_lm))
-        counts[train_lm] = perf.count_flops(captioner.train(), batch, bf16=False)
+        counts[train_lm] = perf.count_flops(captioner.train(), batch, bf16=False, length_groups=0)
     d, layers, vocab, n = 32, 2, 128, p + t  # the tiny preset: D, blocks, V; N positions per row
     matmul_params = layers * 12 * d * d + vocab * d  # per block c_attn 3D², c_proj D², MLP 8D²; the output layer
     attention = layers * 4 * n * n * d  # Q Kᵀ and weights · V, every query against every key

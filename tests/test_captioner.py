@@ -126,6 +126,28 @@ def test_padding_tokens_change_nothing(lms):
     assert torch.equal(a.loss, b.loss)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_length_groups_give_the_same_loss_and_gradients(lms, backend):
+    """Grouping captions by length only skips padding: the loss and every vision gradient are as in one batch."""
+    data = batch(b=6, t=7)
+    data = {k: v[torch.tensor([3, 0, 5, 1, 4, 2])] for k, v in data.items()}  # lengths 4, 7, 2, 6, 3, 5: unsorted
+    full = captioner(lms[backend])
+    out = full(**data)
+    out.loss.backward()
+    for groups in (1, 2, 4, 6):
+        grouped = captioner(lms[backend])  # the same vision side (same seed)
+        g = grouped(**data, length_groups=groups)
+        assert g.logits is None
+        assert_close(g.prefix, out.prefix)
+        assert_close(g.loss, out.loss, atol=1e-6, rtol=1e-6)
+        g.loss.backward()
+        for (name, a), b in zip(full.named_parameters(), grouped.parameters()):
+            if a.requires_grad:
+                assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="needs labels"):
+        full(data["images"], data["input_ids"], data["attention_mask"], length_groups=2)
+
+
 def test_embed_puts_the_prefix_before_the_tokens(lms):
     model = captioner(lms["transformers"]).eval()
     data = batch()

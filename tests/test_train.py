@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch.testing import assert_close
 
 import minivlm.train as T
 from minivlm.captioner import CAPTIONER_PRESETS
@@ -131,6 +132,14 @@ def test_lm_is_bit_identical_after_training_and_changes_in_the_control(lm, token
     assert any(name.startswith("lm.") for name in learned_state(tuned))  # the control saves its LM weights
 
 
+def test_length_groups_train_as_one_padded_batch(lm, tokenizer, run):
+    """A speed option only: the same run with the captions grouped by length has the same losses and weights."""
+    captioner, history, _ = run
+    grouped, grouped_history = train(replace(CONFIG, length_groups=3), lm=lm, tokenizer=tokenizer, progress=False)
+    assert_close(torch.tensor(grouped_history["loss"]), torch.tensor(history["loss"]), atol=1e-5, rtol=1e-5)
+    assert_close(outputs(grouped), outputs(captioner), atol=1e-4, rtol=1e-4)
+
+
 def test_word_alignment_writes_the_prefix_in_words_and_leaves_the_lm_frozen(lm, tokenizer):
     """With word_alignment the prefix is pulled towards the caption's words; the LM still does not move."""
     before = lm_state(lm)
@@ -196,7 +205,8 @@ def test_samples_are_printed_and_loss_curve_is_a_png(lm, tokenizer, run, tmp_pat
 @pytest.mark.parametrize(
     "field, value",
     [("lm_init", "frozen"), ("steps", 0), ("warmup", 4), ("batch_size", 0), ("train_images", 4), ("lr", 0.0),
-     ("max_length", 1), ("sample_every", -1), ("checkpoint_every", 0), ("word_alignment", -0.1)],
+     ("max_length", 1), ("sample_every", -1), ("checkpoint_every", 0), ("word_alignment", -0.1),
+     ("length_groups", -1)],
 )  # fmt: skip
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
