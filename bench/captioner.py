@@ -8,6 +8,8 @@ Two tables, each row a captioner trained from scratch (`minivlm.train.train`) ag
   as well (what freezing saves: time per image and memory). Prints training images per second, the
   final loss, the peak memory of the process, and the caption metrics.
 - `--table ablation`: prefix length P in (1, 2, 4, 8) x mapper in (linear, mlp, transformer).
+- `--table stem`: the CNN without a full-resolution stem, with the preset's, and with a wider one
+  (`CNNConfig.stem` channels in STEMS): how much seeing every pixel helps with small shapes.
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -15,7 +17,8 @@ its own. Images per second count training steps only (not the LM's loading or th
 Run from the repository root:
     .venv/bin/python bench/captioner.py --table controls              # 3 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --table ablation --steps 400  # 12 shorter runs
-    .venv/bin/python bench/captioner.py --quick                       # both tables on the tiny preset: seconds
+    .venv/bin/python bench/captioner.py --table stem --threads 2      # 3 runs of the cpu preset (about 16 minutes)
+    .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation")
+TABLES = ("controls", "ablation", "stem")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -39,6 +42,7 @@ CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and Cap
 }
 PREFIX_LENGTHS = (1, 2, 4, 8)
 MAPPERS = ("linear", "mlp", "transformer")
+STEMS = (0, 16, 32)  # channels of the CNN's full-resolution stem (0: none); the cpu preset has 16
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -46,16 +50,24 @@ def rows(table: str) -> list[tuple[str, dict]]:
     """(label, changes) for every run of a table."""
     if table == "controls":
         return list(CONTROLS.items())
+    if table == "stem":
+        return [(f"stem of {c} channels" if c else "no stem", {"stem": c}) for c in STEMS]
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
 def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     """Train one captioner with `changes` and score it; what the row reports (runs in its own process)."""
+    from minivlm.cnn import CNN_PRESETS
     from minivlm.lm import load_frozen_lm
     from minivlm.report import evaluate_splits
     from minivlm.train import TRAIN_PRESETS, train
 
     config = TRAIN_PRESETS[preset]
+    if "stem" in changes:  # a CNN preset of its own, for this process only: the preset's CNN with another stem
+        changes = dict(changes)
+        cnn = f"{config.captioner.cnn_preset}, stem {changes['stem']}"
+        CNN_PRESETS[cnn] = replace(CNN_PRESETS[config.captioner.cnn_preset], stem=changes.pop("stem"))
+        changes["cnn_preset"] = cnn
     if steps is not None:
         config = replace(config, steps=steps, warmup=min(config.warmup, steps // 10))
     trainer = {k: v for k, v in changes.items() if k == "lm_init"}
@@ -107,7 +119,7 @@ def print_table(table: str, results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--table", choices=TABLES, action="append", help="which table (default: both)")
+    parser.add_argument("--table", choices=TABLES, action="append", help="which table (default: all three)")
     parser.add_argument("--preset", default="cpu", help="TRAIN_PRESETS entry (default: cpu)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
     parser.add_argument("--images", type=int, default=500, help="evaluation images per split (default: 500)")

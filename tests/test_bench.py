@@ -74,6 +74,23 @@ def test_captioner_ablation_covers_every_prefix_length_and_mapper():
                                                                    for m in ("linear", "mlp", "transformer")}
 
 
+def test_captioner_stem_table_trains_the_preset_with_each_stem(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [c for _, c in bench.rows("stem")] == [{"stem": 0}, {"stem": 16}, {"stem": 32}]
+    from minivlm.cnn import CNN_PRESETS
+
+    for stem in (0, 8):  # the entries a run adds are removed afterwards
+        monkeypatch.setitem(CNN_PRESETS, f"tiny, stem {stem}", None)
+    without, stem8 = (bench.run_one("tiny", 2, 4, {"stem": stem}) for stem in (0, 8))
+    assert CNN_PRESETS["tiny, stem 8"] == replace(CNN_PRESETS["tiny"], stem=8)
+    stem_weights = 3 * 8 * 9 + 2 * 8 + (8 - 3) * CNN_PRESETS["tiny"].widths[0] * 9  # the stem's conv and norm;
+    # the first stage's convolution reads 8 channels instead of 3
+    assert stem8["trained_parameters"] - without["trained_parameters"] == stem_weights
+    assert set(stem8["metrics"]) == {"test", "heldout"}
+
+
 def load_bench(script: str, monkeypatch):
     """Import bench/<script> as a module (bench/ on sys.path, as when it runs as a script)."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))

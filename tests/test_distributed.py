@@ -285,13 +285,13 @@ def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
 
     The names below are those of CAPTIONER_CACHE_VERSION 2 (canonical captions) with the course LMs of 2026-11-24
     (LM CACHE_VERSION 7: "recall" documents, position embeddings that start as sinusoids, and the cpu LM's
-    6,000 steps of 8 windows), the cpu preset's 2,000 steps, and the CNN preset's shape in the key
-    (when `CNNConfig.stem` came): each renamed every entry on purpose.
+    6,000 steps of 8 windows), the CNN preset's shape in the key (when `CNNConfig.stem` came), and the cpu
+    preset of 2026-11-25 (a 16-channel stem, 2,800 steps, 3 length groups): each renamed entries on purpose.
     """
     assert T.CAPTIONER_CACHE_VERSION == 2
-    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-4b481288cdd4"
+    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-077f57243990"
     monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(T.TRAIN_PRESETS["cpu"], precision="bf16"))
-    assert T._cache_name("cpu") != "cpu-4b481288cdd4"  # a change that changes the weights: another entry
+    assert T._cache_name("cpu") != "cpu-077f57243990"  # a change that changes the weights: another entry
 
 
 def test_the_cnn_presets_shape_is_part_of_the_cache_name(monkeypatch):
