@@ -141,10 +141,10 @@ def score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
           candidates: Sequence[Sequence[str]], *, batch_size: int = 64,
           start_of_text: bool = True) -> Tensor:  # fmt: skip
     """(B, K) log p(candidate | prompt), summed over the candidate's tokens; every prompt has K candidates.
-    start_of_text: as in `embed_prompts`.
 
     The prompts run once; each prompt's KV cache is then repeated K times and the candidates (right-padded)
     run on top of it, so a prompt of L vectors costs L + K·C positions rather than K·(L + C).
+    start_of_text: as in `embed_prompts`.
     """
     if len(candidates) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} lists of candidates")

@@ -137,7 +137,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in ("weight_decay", "sample_every", "data_seed", "seed", "workers", "word_alignment", "length_groups"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # written so that NaN fails too
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a token and EOT), got {self.max_length}")

@@ -206,7 +206,7 @@ def test_samples_are_printed_and_loss_curve_is_a_png(lm, tokenizer, run, tmp_pat
     "field, value",
     [("lm_init", "frozen"), ("steps", 0), ("warmup", 4), ("batch_size", 0), ("train_images", 4), ("lr", 0.0),
      ("max_length", 1), ("sample_every", -1), ("checkpoint_every", 0), ("word_alignment", -0.1),
-     ("length_groups", -1)],
+     ("word_alignment", float("nan")), ("length_groups", -1)],
 )  # fmt: skip
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
