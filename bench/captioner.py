@@ -1,6 +1,6 @@
-"""The captioner, measured: the control experiments, and the ablation over prefix length and mapper.
+"""The captioner, measured: the control experiments, the ablation over prefix length and mapper, the stem, the depth.
 
-Two tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+Four tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
 (pretrained once, or read from the cache) and scored on new test and held-out images:
 
 - `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
@@ -10,6 +10,9 @@ Two tables, each row a captioner trained from scratch (`minivlm.train.train`) ag
 - `--table ablation`: prefix length P in (1, 2, 4, 8) x mapper in (linear, mlp, transformer).
 - `--table stem`: the CNN without a full-resolution stem, with the preset's, and with a wider one
   (`CNNConfig.stem` channels in STEMS): how much seeing every pixel helps with small shapes.
+- `--table depth`: the prefix read by the LM's input only (Frozen, ClipCap), by its first two blocks,
+  and by every block (`CaptionerConfig.prefix_depth`, prefix-tuning): how much a small frozen LM gains
+  when the image speaks to each block rather than only to the first.
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -18,6 +21,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table controls              # 3 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --table ablation --steps 400  # 12 shorter runs
     .venv/bin/python bench/captioner.py --table stem --threads 2      # 3 runs of the cpu preset (about 16 minutes)
+    .venv/bin/python bench/captioner.py --table depth --threads 2     # 3 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -34,7 +38,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation", "stem")
+TABLES = ("controls", "ablation", "stem", "depth")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -43,6 +47,7 @@ CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and Cap
 PREFIX_LENGTHS = (1, 2, 4, 8)
 MAPPERS = ("linear", "mlp", "transformer")
 STEMS = (0, 16, 32)  # channels of the CNN's full-resolution stem (0: none); the cpu preset has 16
+DEPTHS = (1, 2, "every")  # blocks of the LM that read the prefix; "every": all n_layer of them
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -52,6 +57,9 @@ def rows(table: str) -> list[tuple[str, dict]]:
         return list(CONTROLS.items())
     if table == "stem":
         return [(f"stem of {c} channels" if c else "no stem", {"stem": c}) for c in STEMS]
+    if table == "depth":
+        labels = {1: "read by the input (Frozen)", 2: "read by 2 blocks", "every": "read by every block"}
+        return [(labels[k], {"prefix_depth": k}) for k in DEPTHS]
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
@@ -70,10 +78,12 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
         changes["cnn_preset"] = cnn
     if steps is not None:
         config = replace(config, steps=steps, warmup=min(config.warmup, steps // 10))
+    lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training
+    if changes.get("prefix_depth") == "every":  # the LM's every block
+        changes = {**changes, "prefix_depth": len(lm.transformer.h)}
     trainer = {k: v for k, v in changes.items() if k == "lm_init"}
     config = replace(config, captioner=replace(config.captioner, **{k: v for k, v in changes.items() if k != "lm_init"}),
                      **trainer)  # fmt: skip
-    lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -119,7 +129,7 @@ def print_table(table: str, results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--table", choices=TABLES, action="append", help="which table (default: all three)")
+    parser.add_argument("--table", choices=TABLES, action="append", help="which table (default: all of them)")
     parser.add_argument("--preset", default="cpu", help="TRAIN_PRESETS entry (default: cpu)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
     parser.add_argument("--images", type=int, default=500, help="evaluation images per split (default: 500)")

@@ -27,6 +27,7 @@ Run from the repository root:
     .venv/bin/python bench/diagnose.py --quick    # the tiny preset: seconds, proves the script runs
     .venv/bin/python bench/diagnose.py --oracle-mapper linear --oracle-prefix 16   # another mapper for the oracle
     .venv/bin/python bench/diagnose.py --oracle-captions shuffled    # the oracles learn captions in random orders
+    .venv/bin/python bench/diagnose.py --oracle-depth 4   # the oracle's prefix read by all 4 blocks, not the input only
     .venv/bin/python bench/diagnose.py --json out.json
 """
 
@@ -51,7 +52,6 @@ from minivlm.data import shapes as S
 from minivlm.data.captions import CaptionCollator, ShapesCaptions
 from minivlm.evaluate import attribute_scores, true_captions
 from minivlm.lm import learning_rate
-from minivlm.prefix import build_mapper, embedding_scale
 from minivlm.train import TRAIN_PRESETS, batch_indices, course_captioner
 
 SHOWN = ("exact match", "colour", "shape", "size", "relation")
@@ -176,11 +176,8 @@ def train_oracle(
     that shows what one caption per image is worth.
     """
     torch.manual_seed(config.seed)
-    c = config.captioner
-    scale = embedding_scale(lm) if c.normalize_prefix else None
-    mapper = build_mapper(c.mapper, OracleEncoder.out_dim, lm.get_input_embeddings().embedding_dim, c.prefix_length,
-                          scale)  # fmt: skip
-    captioner = Captioner(OracleEncoder(), mapper, copy.deepcopy(lm) if train_lm else lm, train_lm=train_lm).train()
+    c = replace(config.captioner, train_lm=train_lm)
+    captioner = Captioner.around(OracleEncoder(), copy.deepcopy(lm) if train_lm else lm, c).train()
     world = S.ShapesWorld("train", c.image_size, config.data_seed, config.train_images)
     scenes = [world.scene(i) for i in range(len(world))]
     features = torch.stack([oracle_features(sc) for sc in scenes])  # (N, F)
@@ -232,6 +229,9 @@ def main() -> None:
     parser.add_argument("--oracle-mapper", default=None, help="the oracle's mapper kind (default: the preset's)")
     parser.add_argument("--oracle-prefix", type=int, default=None,
                         help="the oracle's prefix length P (default: the preset's)")  # fmt: skip
+    parser.add_argument("--oracle-depth", type=int, default=None,
+                        help="blocks of the LM that read the oracle's prefix, K (default: the preset's; "
+                             "1 is the input only, as in Frozen)")  # fmt: skip
     parser.add_argument("--oracle-captions", choices=("world", "shuffled"), default="world",
                         help="the oracles' training captions: the world's, one per image (the leftmost object "
                              "first; the default), or each scene in a random one of its true orders")
@@ -288,9 +288,10 @@ def main() -> None:
     lm = captioner.lm  # the same frozen LM, already loaded
     if args.quick:
         config = replace(config, steps=10, warmup=1)
-    changes = {"mapper": args.oracle_mapper, "prefix_length": args.oracle_prefix}
+    changes = {"mapper": args.oracle_mapper, "prefix_length": args.oracle_prefix, "prefix_depth": args.oracle_depth}
     config = replace(config, captioner=replace(config.captioner, **{k: v for k, v in changes.items() if v is not None}))
-    results["oracle_captioner"] = {"mapper": config.captioner.mapper, "prefix_length": config.captioner.prefix_length}
+    results["oracle_captioner"] = {"mapper": config.captioner.mapper, "prefix_length": config.captioner.prefix_length,
+                                   "prefix_depth": config.captioner.prefix_depth}
     start = time.perf_counter()
     shuffled = args.oracle_captions == "shuffled"
     results["oracle_captions"] = args.oracle_captions
@@ -299,6 +300,7 @@ def main() -> None:
     features = torch.stack([oracle_features(sc) for sc in test_scenes])
     results["oracle"] = by_objects(generate(oracle, features, tokenizer, config.max_length), test_scenes)
     print_scores(f"3. the oracle vision side ({config.captioner.mapper} mapper, P = {config.captioner.prefix_length}, "
+                 f"read by {config.captioner.prefix_depth} block(s), "
                  f"{config.steps} steps, {args.oracle_captions} captions, {results['oracle_seconds']:.0f} s), "
                  f"by object count",
                  results["oracle"])  # fmt: skip

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mapper", choices=sorted(MAPPERS), help="prefix mapper (default: the preset's)")
     train.add_argument("--prefix-length", type=positive_int, metavar="P", help="visual prefix tokens P "
                        "(default: the preset's)")  # fmt: skip
+    train.add_argument("--prefix-depth", type=positive_int, metavar="K", help="blocks of the LM that read the "
+                       "prefix: 1 its input only (Frozen), up to the LM's n_layer (default: the preset's)")  # fmt: skip
     train.add_argument("--lm-init", choices=LM_INITS, help="'random': the control with an untrained, frozen LM "
                        "(default: pretrained)")  # fmt: skip
     train.add_argument("--train-lm", action="store_true", help="the control that fine-tunes the LM too")
@@ -219,7 +221,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, compile=args.compile,
                           word_alignment=args.word_alignment, mapper=args.mapper, prefix_length=args.prefix_length,
-                          train_lm=args.train_lm or None)  # fmt: skip
+                          prefix_depth=args.prefix_depth, train_lm=args.train_lm or None)  # fmt: skip
     out = Path(args.out)
     with distributed.process_group():  # under torchrun: train() finds the group up; rank 0 reports below
         try:
@@ -322,7 +324,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "command": f"python -m minivlm demo --preset {args.preset}" + (f" --steps {args.steps}" if args.steps else "")
         + (f" --images {args.images}" if args.images else ""),
         "language model": f"{config.lm}, {sum(p.numel() for p in lm.parameters()):,} parameters, frozen",
-        "captioner": f"{c.encoder} ({c.cnn_preset}) encoder, {c.mapper} mapper, P = {c.prefix_length}, "
+        "captioner": f"{c.encoder} ({c.cnn_preset}) encoder, {c.mapper} mapper, P = {c.prefix_length}"
+        + (f" read by {c.prefix_depth} blocks" if c.prefix_depth > 1 else "") + ", "
         f"{c.image_size}-pixel images; {sum(p.numel() for p in captioner.trainable_parameters()):,} trained parameters",
         "training": f"{config.steps} steps of {config.batch_size} from {config.train_images:,} images, peak lr "
         f"{config.lr:g}; loss {history['loss'][0]:.3f} at step 1, {history['loss'][-1]:.3f} at the last",

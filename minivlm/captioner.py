@@ -24,6 +24,12 @@ dropout, so the only difference is which weights learn).
 The LM is either our `minivlm.gpt2.GPT2` or transformers' `GPT2LMHeadModel`: both take `inputs_embeds`,
 `attention_mask` and `position_ids` and return `.logits`.
 
+`CaptionerConfig.prefix_depth` K > 1 lets the image speak to the first K blocks, not only to the input:
+the mapper writes K sets of P vectors, and `self.lm` becomes a `minivlm.prefix.DeepPrefixLM` around the
+frozen LM, which takes each position's K vectors side by side, (B, T, K * D). Everything else (the loss,
+decoding, few-shot prompts) is the same code. A small frozen LM is far easier to steer that way
+(`bench/diagnose.py --oracle-depth` measures it).
+
 Axis letters: B batch, P prefix tokens, T caption tokens, D the LM's width, V vocabulary, N new tokens.
 """
 
@@ -32,13 +38,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from minivlm.cnn import CNN_PRESETS, ENCODERS, build_encoder
 from minivlm.data.captions import IGNORE_INDEX
 from minivlm.lm import freeze, next_token_loss
-from minivlm.prefix import MAPPERS, PrefixMapper, build_mapper, embedding_scale
+from minivlm.prefix import MAPPERS, DeepPrefixLM, PrefixMapper, block_input_scales, build_mapper, embedding_scale
 
 __all__ = ["CaptionerConfig", "CAPTIONER_PRESETS", "CaptionerOutput", "Captioner"]
 
@@ -55,6 +61,9 @@ class CaptionerConfig:
     prefix_length: int = 4  # P: visual tokens ahead of the caption
     normalize_prefix: bool = True  # scale each prefix vector to the LM's embedding length (False: the ablation)
     train_lm: bool = False  # the control experiment: fine-tune the LM too, instead of freezing it
+    prefix_depth: int = 1  # K: blocks of the LM that read the prefix. 1: its input only (Frozen, ClipCap);
+    # K > 1: blocks 1 .. K-1 read P vectors of their own at the prefix positions (prefix-tuning; see
+    # `minivlm.prefix.DeepPrefixLM`). The LM stays frozen either way.
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -65,6 +74,8 @@ class CaptionerConfig:
             raise ValueError(f"unknown mapper kind {self.mapper!r}; choose one of {sorted(MAPPERS)}")
         if self.prefix_length < 1:
             raise ValueError(f"prefix_length must be at least 1, got {self.prefix_length}")
+        if not isinstance(self.prefix_depth, int) or self.prefix_depth < 1:
+            raise ValueError(f"prefix_depth must be an int of at least 1 (the LM's input), got {self.prefix_depth!r}")
 
 
 # "tiny": for tests, with any tiny LM. "cpu": the course's captioner for the course LM on a laptop.
@@ -80,13 +91,15 @@ class CaptionerOutput:
 
     logits: Tensor | None  # (B, P + T, V); None when forward grouped the captions by length
     loss: Tensor | None = None  # mean next-token cross-entropy over the caption's labelled tokens
-    prefix: Tensor | None = None  # (B, P, D) the visual prefix the logits were computed from
+    prefix: Tensor | None = None  # (B, P, D) the visual prefix the logits were computed from; (B, P, K * D) if K > 1
 
 
 class Captioner(nn.Module):
     """An image encoder and a prefix mapper that learn to write a visual prefix for a frozen language model."""
 
-    def __init__(self, encoder: nn.Module, mapper: PrefixMapper, lm: nn.Module, *, train_lm: bool = False):
+    def __init__(self, encoder: nn.Module, mapper: PrefixMapper, lm: nn.Module, *, train_lm: bool = False,
+                 prefix_depth: int = 1):  # fmt: skip
+        """prefix_depth K > 1: the mapper writes K * P vectors, K sets of P (see `CaptionerConfig.prefix_depth`)."""
         super().__init__()
         d = lm.get_input_embeddings().embedding_dim
         if mapper.embed_dim != d:
@@ -95,11 +108,16 @@ class Captioner(nn.Module):
             )
         if mapper.in_dim != encoder.out_dim:
             raise ValueError(f"the encoder gives {encoder.out_dim} features, the mapper expects {mapper.in_dim}")
+        if mapper.prefix_length % prefix_depth:
+            raise ValueError(f"a prefix read by {prefix_depth} blocks needs {prefix_depth} sets of P vectors; the "
+                             f"mapper writes {mapper.prefix_length}, not a multiple of {prefix_depth}")  # fmt: skip
         self.encoder = encoder
         self.mapper = mapper
-        self.lm = freeze(lm) if not train_lm else lm.requires_grad_(True).eval()
+        lm = freeze(lm) if not train_lm else lm.requires_grad_(True).eval()
+        self.lm = lm if prefix_depth == 1 else DeepPrefixLM(lm, prefix_depth)  # checks the depth against the LM
         self.train_lm = train_lm
-        self.prefix_length = mapper.prefix_length  # P
+        self.prefix_depth = prefix_depth  # K
+        self.prefix_length = mapper.prefix_length // prefix_depth  # P
         self.context = lm.config.n_positions  # the most positions the LM can see: P + T must fit
 
     @classmethod
@@ -111,10 +129,18 @@ class Captioner(nn.Module):
             config = CAPTIONER_PRESETS[config]
         encoder = build_encoder(config.encoder, config.image_size, preset=config.cnn_preset,
                                 weights=config.encoder_weights)  # fmt: skip
-        scale = embedding_scale(lm) if config.normalize_prefix else None
+        return cls.around(encoder, lm, config)
+
+    @classmethod
+    def around(cls, encoder: nn.Module, lm: nn.Module, config: CaptionerConfig) -> Captioner:
+        """A captioner of this encoder (any module giving (B, F) features) and a fresh mapper as `config` describes."""
+        k, p = config.prefix_depth, config.prefix_length
+        scale = None
+        if config.normalize_prefix:  # one length for an input prefix; per set, the length its block reads
+            scale = embedding_scale(lm) if k == 1 else [x for x in block_input_scales(lm, k) for _ in range(p)]
         d = lm.get_input_embeddings().embedding_dim
-        mapper = build_mapper(config.mapper, encoder.out_dim, d, config.prefix_length, scale)
-        return cls(encoder, mapper, lm, train_lm=config.train_lm)
+        mapper = build_mapper(config.mapper, encoder.out_dim, d, k * p, scale)
+        return cls(encoder, mapper, lm, train_lm=config.train_lm, prefix_depth=k)
 
     def train(self, mode: bool = True) -> Captioner:
         """Set training mode on the vision side; the LM stays in eval mode (no dropout) either way."""
@@ -127,8 +153,11 @@ class Captioner(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def prefix(self, images: Tensor) -> Tensor:
-        """images (B, 3, S, S) -> the visual prefix (B, P, D), in the LM's embedding space."""
-        return self.mapper(self.encoder(images))
+        """images (B, 3, S, S) -> the visual prefix (B, P, D), in the LM's embedding space; (B, P, K * D) if K > 1."""
+        prefix = self.mapper(self.encoder(images))  # (B, K * P, D)
+        if self.prefix_depth == 1:
+            return prefix
+        return rearrange(prefix, "b (k p) d -> b p (k d)", k=self.prefix_depth)  # the slots DeepPrefixLM reads
 
     def _check_length(self, t: int) -> None:
         if self.prefix_length + t > self.context:

@@ -101,7 +101,7 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
         raise ValueError(f"prompt {i} is {lengths[i]} vectors long ({captioner.prefix_length} per image), more than "
                          f"the language model's context of {captioner.context}: use fewer shots or shorter text")  # fmt: skip
     longest = max(lengths)
-    embeds = table.weight.new_zeros(len(rows), longest, table.embedding_dim)  # (B, L, D)
+    embeds = table.weight.new_zeros(len(rows), longest, rows[0].shape[-1])  # (B, L, D), or (B, L, K * D)
     mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)  # (B, L)
     for i, row in enumerate(rows):
         embeds[i, longest - len(row) :] = row  # left padding: every prompt ends in the last column

@@ -33,11 +33,26 @@ of all the LM's token embeddings, nearest the caption word it stands for: the P 
 caption's last P tokens ("small red circle ." for "a small red circle."). It is a cross-entropy over the
 vocabulary of cosine similarities, so only the direction is trained, as the normalisation leaves it.
 
-Axis letters: B batch, F features, P prefix tokens, D the LM's embedding width, K feature tokens, T
-caption tokens, V vocabulary.
+**Read at every block** (`DeepPrefixLM`, optional: `CaptionerConfig.prefix_depth`). Frozen and ClipCap
+put the prefix at the LM's *input* only, and everything the LM says about the image must then be computed
+from P input vectors by weights that never learned to read them. That works for large LMs, and far less
+well for small ones: Lester et al. (2021, "The Power of Scale for Parameter-Efficient Prompt Tuning")
+found input prompts lag fine-tuning badly below billions of parameters. Prefix-tuning (Li & Liang,
+2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation") and P-tuning v2 (Liu et al., 2022)
+give the prompt a say at every layer instead, and close most of that gap on small models. Here, with
+depth K > 1, the mapper writes K sets of P vectors: the first is the input prefix as before, and set k
+*replaces* the residual stream at the prefix positions as block k reads it, so block k's keys and values
+there are the image's own. The LM's weights are untouched and still frozen; only where the image enters
+is deeper. `block_input_scales` gives each set
+the length of what its block reads (the residual stream grows from block to block).
+
+Axis letters: B batch, F features, P prefix tokens, D the LM's embedding width, K feature tokens (in
+`TransformerMapper`) or blocks that read the prefix (in `DeepPrefixLM`), T caption tokens, V vocabulary.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +63,8 @@ from minivlm.data.captions import IGNORE_INDEX
 
 __all__ = [
     "embedding_scale", "PrefixMapper", "LinearMapper", "MLPMapper", "TransformerMapper", "MAPPERS", "build_mapper",
-    "WORD_TEMPERATURE", "word_targets", "word_alignment_loss",
+    "WORD_TEMPERATURE", "word_targets", "word_alignment_loss", "blocks_of", "block_input_scales", "WideEmbedding",
+    "DeepPrefixLM",
 ]  # fmt: skip
 
 WORD_TEMPERATURE = 0.1  # cosine similarities / this are the logits of the word-alignment loss
@@ -64,22 +80,30 @@ def embedding_scale(lm: nn.Module) -> float:
 class PrefixMapper(nn.Module):
     """The part all mappers share: checks, and scaling each of the P output vectors to the embeddings' length.
 
-    target_scale: the length every prefix vector gets (`embedding_scale(lm)`); None leaves the mapper's raw
-    output as it is, for the experiment that shows why normalising matters.
+    target_scale: the length every prefix vector gets (`embedding_scale(lm)`), or one length per vector (P
+    of them: a deep prefix's sets are read by different blocks); None leaves the mapper's raw output as it
+    is, for the experiment that shows why normalising matters.
     """
 
-    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int, target_scale: float | None):
+    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int,
+                 target_scale: float | Sequence[float] | None):  # fmt: skip
         super().__init__()
         for name, value in (("in_dim", in_dim), ("embed_dim", embed_dim), ("prefix_length", prefix_length)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if target_scale is not None and not target_scale > 0:
-            raise ValueError(f"target_scale must be positive (or None for no normalisation), got {target_scale!r}")
+        scale = torch.tensor(1.0 if target_scale is None else target_scale, dtype=torch.float32)
+        if scale.ndim == 1:  # one length per vector, applied to (B, P, D) as (P, 1)
+            if len(scale) != prefix_length:
+                raise ValueError(f"target_scale has {len(scale)} lengths for {prefix_length} prefix vectors")
+            scale = scale[:, None]
+        if scale.ndim > 2 or not bool((scale > 0).all()):
+            raise ValueError(f"target_scale must be positive, a number or one per prefix vector (or None for no "
+                             f"normalisation), got {target_scale!r}")  # fmt: skip
         self.in_dim = in_dim  # F
         self.embed_dim = embed_dim  # D
         self.prefix_length = prefix_length  # P
         self.normalize = target_scale is not None
-        self.register_buffer("target_scale", torch.tensor(float(target_scale or 1.0)))
+        self.register_buffer("target_scale", scale)  # () or (P, 1)
 
     def project(self, features: Tensor) -> Tensor:
         """(B, F) -> (B, P, D) before normalisation; each mapper defines it."""
@@ -99,7 +123,7 @@ class PrefixMapper(nn.Module):
 class LinearMapper(PrefixMapper):
     """Frozen's and LiMBeR's mapper: a single linear layer F -> P * D."""
 
-    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int, target_scale: float | None):
+    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int, target_scale: float | Sequence[float] | None):
         super().__init__(in_dim, embed_dim, prefix_length, target_scale)
         self.linear = nn.Linear(in_dim, prefix_length * embed_dim)
 
@@ -111,8 +135,8 @@ class LinearMapper(PrefixMapper):
 class MLPMapper(PrefixMapper):
     """ClipCap's MLP mapper: F -> hidden -> P * D with tanh; hidden defaults to P * D / 2 as in ClipCap."""
 
-    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int, target_scale: float | None,
-                 hidden: int | None = None):  # fmt: skip
+    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int,
+                 target_scale: float | Sequence[float] | None, hidden: int | None = None):  # fmt: skip
         super().__init__(in_dim, embed_dim, prefix_length, target_scale)
         hidden = hidden or prefix_length * embed_dim // 2
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, prefix_length * embed_dim))
@@ -125,8 +149,9 @@ class MLPMapper(PrefixMapper):
 class TransformerMapper(PrefixMapper):
     """ClipCap's transformer mapper: K feature tokens + P learned constants -> transformer -> the constants' outputs."""
 
-    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int, target_scale: float | None, *,
-                 feature_tokens: int = 4, layers: int = 2, heads: int = 4):  # fmt: skip
+    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int,
+                 target_scale: float | Sequence[float] | None, *, feature_tokens: int = 4, layers: int = 2,
+                 heads: int = 4):  # fmt: skip
         super().__init__(in_dim, embed_dim, prefix_length, target_scale)
         if embed_dim % heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by heads={heads}")
@@ -150,8 +175,8 @@ class TransformerMapper(PrefixMapper):
 MAPPERS: dict[str, type[PrefixMapper]] = {"linear": LinearMapper, "mlp": MLPMapper, "transformer": TransformerMapper}
 
 
-def build_mapper(kind: str, in_dim: int, embed_dim: int, prefix_length: int, target_scale: float | None,
-                 **options) -> PrefixMapper:  # fmt: skip
+def build_mapper(kind: str, in_dim: int, embed_dim: int, prefix_length: int,
+                 target_scale: float | Sequence[float] | None, **options) -> PrefixMapper:  # fmt: skip
     """A mapper by name ("linear", "mlp", "transformer"); options go to its constructor (hidden, layers, ...)."""
     if kind not in MAPPERS:
         raise ValueError(f"unknown mapper kind {kind!r}; choose one of {sorted(MAPPERS)}")
@@ -187,3 +212,128 @@ def word_alignment_loss(prefix: Tensor, table: Tensor, labels: Tensor) -> Tensor
     words = F.normalize(table.detach().float(), dim=-1)  # (V, D)
     logits = F.normalize(prefix.float(), dim=-1) @ words.T / WORD_TEMPERATURE  # (B, P, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# ---- a prefix read at every block ----------------------------------------------------------------
+
+
+def blocks_of(lm: nn.Module) -> nn.ModuleList:
+    """The LM's transformer blocks, in order: `lm.transformer.h` in our GPT-2 and in transformers' GPT2LMHeadModel."""
+    try:
+        return lm.transformer.h
+    except AttributeError:
+        raise TypeError(f"a {type(lm).__name__} has no GPT-2 blocks at .transformer.h; a prefix read at every "
+                        f"block needs a GPT-2 (minivlm.gpt2.GPT2 or transformers' GPT2LMHeadModel)"
+                        ) from None  # fmt: skip
+
+
+@torch.no_grad()
+def block_input_scales(lm: nn.Module, depth: int, tokens: int = 64, seed: int = 0) -> list[float]:
+    """The typical length of what the first `depth` blocks read: [embedding_scale(lm), then one per block 1 .. depth-1].
+
+    Block k > 0 reads the residual stream, whose vectors grow much longer than a token embedding from
+    block to block (in the course LM, about 20 against 3.6). Measured on a fixed row of `tokens` random
+    token ids, as the median length over its positions after the first (the first position's vectors
+    are often far longer than the rest: it is where attention with nowhere else to go lands).
+    """
+    blocks = blocks_of(lm)
+    if not 1 <= depth <= len(blocks):
+        raise ValueError(f"a prefix can be read by 1 to {len(blocks)} blocks of this LM, got depth={depth}")
+    table = lm.get_input_embeddings()
+    n = min(tokens, lm.config.n_positions)
+    ids = torch.randint(table.num_embeddings, (1, n), generator=torch.Generator().manual_seed(seed))
+    lengths: list[float] = []
+
+    def measure(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["hidden_states"]  # (1, n, D), what the block reads
+        lengths.append(x[0, 1:].float().norm(dim=-1).median().item())
+
+    handles = [block.register_forward_pre_hook(measure, with_kwargs=True) for block in blocks[1:depth]]
+    was_training = lm.training
+    lm.eval()  # no dropout: the same LM always gives the same lengths
+    try:
+        lm(input_ids=ids.to(table.weight.device))
+    finally:
+        lm.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [embedding_scale(lm), *lengths]
+
+
+class WideEmbedding:
+    """A token embedding for `DeepPrefixLM`: each token's (D,) embedding, then zeros for the K - 1 deeper slots.
+
+    Text gives the deeper blocks nothing of its own, so its deeper slots are zero ("keep"). Not a module: it only reads
+    the LM's own table (`weight`), which belongs to the LM.
+    """
+
+    def __init__(self, table: nn.Embedding, depth: int):
+        self.table, self.depth = table, depth
+        self.weight = table.weight  # (V, D): what callers read the device, dtype and the words from
+        self.embedding_dim, self.num_embeddings = table.embedding_dim, table.num_embeddings
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        """ids (...) -> (..., K * D)."""
+        return F.pad(self.table(ids), (0, (self.depth - 1) * self.embedding_dim))
+
+
+class DeepPrefixLM(nn.Module):
+    """A frozen LM whose first `depth` blocks each read the prefix: inputs_embeds (B, T, K * D) instead of (B, T, D).
+
+    Each input vector is K slots of D numbers. Slot 0 is the ordinary input embedding; where slot k > 0
+    is not all zeros, it *replaces* the residual stream at that position as block k reads it (by a
+    forward pre-hook, for the duration of one call), so each block's keys and values at the prefix are
+    the image's own, as in prefix-tuning. Text tokens have zeros there (`WideEmbedding`) and keep what
+    the blocks before computed; a visual prefix fills every slot (its vectors are normalised to a fixed
+    length, so never all zeros). Called with input_ids (a token at a time, after the prompt is in the
+    KV cache), it is the LM itself. Attribute look-ups it does not answer go to the LM (`config`,
+    `transformer`, ...), so code written for the LM works on it.
+    """
+
+    def __init__(self, lm: nn.Module, depth: int):
+        super().__init__()
+        n = len(blocks_of(lm))
+        if not 2 <= depth <= n:
+            raise ValueError(f"a DeepPrefixLM's prefix is read by 2 to {n} blocks (n_layer) of this LM, got "
+                             f"depth={depth}; depth 1 is the LM itself")  # fmt: skip
+        self.lm, self.depth = lm, depth
+        self.width = lm.get_input_embeddings().embedding_dim  # D
+        self._embedding = WideEmbedding(lm.get_input_embeddings(), depth)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (self.lm)
+        except AttributeError:
+            return getattr(super().__getattr__("lm"), name)
+
+    def get_input_embeddings(self) -> WideEmbedding:
+        return self._embedding
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None, **kwargs):
+        """The LM's output; wide inputs_embeds (B, T, K * D) are split between the input and blocks 1 .. K-1."""
+        if inputs_embeds is None:
+            return self.lm(input_ids=input_ids, **kwargs)
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.depth * self.width:
+            raise ValueError(f"expected inputs_embeds of shape (B, T, {self.depth} * {self.width}) for a prefix read "
+                             f"by {self.depth} blocks, got {tuple(inputs_embeds.shape)}")  # fmt: skip
+        slots = rearrange(inputs_embeds, "b t (k d) -> k b t d", k=self.depth)  # (K, B, T, D)
+
+        def replace(slot: Tensor):
+            given = slot.ne(0).any(dim=-1, keepdim=True)  # (B, T, 1): the prefix's positions, not text's zeros
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict):
+                if args:  # our Block takes x first; GPT2Block takes hidden_states first
+                    return (torch.where(given, slot.to(args[0].dtype), args[0]), *args[1:]), kwargs
+                x = kwargs["hidden_states"]
+                return args, {**kwargs, "hidden_states": torch.where(given, slot.to(x.dtype), x)}
+
+            return hook
+
+        blocks = blocks_of(self.lm)
+        handles = [blocks[k].register_forward_pre_hook(replace(slots[k]), with_kwargs=True)
+                   for k in range(1, self.depth)]  # fmt: skip
+        try:
+            return self.lm(inputs_embeds=slots[0], **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()

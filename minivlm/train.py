@@ -42,6 +42,7 @@ Axis letters: N training images, B batch, T caption tokens, D the LM's width.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -78,6 +79,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # autocast: bfloat16 on a GPU and float32
 BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch", "length_groups")
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
 ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups")
+CAPTIONER_ADDED_FIELDS = ("prefix_depth",)  # the same, of CaptionerConfig
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
 CAPTIONER_CACHE_VERSION = 2  # bump when training code or data change what a config trains: cached captioners retrain (2: canonical captions)
@@ -196,8 +198,15 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
     take consecutive slices of it, and the last N mod B images of the permutation sit that epoch out.
     """
     epoch, k = divmod(step, n // batch_size)
-    order = np.random.default_rng([seed, epoch]).permutation(n)  # (N,)
-    return order[k * batch_size : (k + 1) * batch_size]  # (B,)
+    return _epoch_order(seed, epoch, n)[k * batch_size : (k + 1) * batch_size]  # (B,)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The epoch's permutation of range(n), (N,), drawn once (a step's batch is a slice of it), read-only."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.setflags(write=False)
+    return order
 
 
 class StepBatches(Sampler[list[int]]):
@@ -250,10 +259,15 @@ def learned_state(captioner: Captioner) -> dict[str, Tensor]:
 
 
 def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (biases and norm gains keep theirs), as in `minivlm.lm.pretrain`."""
+    """AdamW with decay on matrices only (biases and norm gains keep theirs), as in `minivlm.lm.pretrain`.
+
+    fused=True: one kernel updates every parameter, instead of several passes over memory per step. With a
+    prefix read by every block the mapper has millions of weights, and the unfused update was a large
+    share of a CPU training step.
+    """
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=True)
 
 
 def _resolve(config: TrainConfig | str) -> TrainConfig:
@@ -394,9 +408,9 @@ def load_captioner(out_dir: str | Path, lm: nn.Module | None = None) -> Captione
 def _cache_name(preset: str) -> str:
     """The cache entry of a preset's captioner: the preset and 12 hex digits of a hash of what decides its weights.
 
-    That is its TrainConfig (ADDED_FIELDS only where they differ from their defaults), the shape of its
-    CNN preset (the config names the preset only), the LM's identity (for the course LM, its own cache
-    key) and CAPTIONER_CACHE_VERSION.
+    That is its TrainConfig (ADDED_FIELDS and CAPTIONER_ADDED_FIELDS only where they differ from their
+    defaults), the shape of its CNN preset (the config names the preset only), the LM's identity (for the
+    course LM, its own cache key) and CAPTIONER_CACHE_VERSION.
     """
     from minivlm.lm import LM_PRESETS, cache_key
 
@@ -404,6 +418,8 @@ def _cache_name(preset: str) -> str:
     name, _, lm_preset = config.lm.partition(":")
     lm_identity = cache_key(LM_PRESETS[lm_preset or "cpu"]) if name == "course" else config.lm
     fields = {k: v for k, v in config.to_dict().items() if k not in ADDED_FIELDS or v != getattr(TrainConfig, k)}
+    fields["captioner"] = {k: v for k, v in fields["captioner"].items()
+                           if k not in CAPTIONER_ADDED_FIELDS or v != getattr(CaptionerConfig, k)}  # fmt: skip
     c = config.captioner
     cnn = asdict(CNN_PRESETS[c.cnn_preset]) if c.encoder == "cnn" else None
     text = json.dumps({"version": CAPTIONER_CACHE_VERSION, "lm": lm_identity, "cnn": cnn, "train": fields},
@@ -560,7 +576,8 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
         # With W ranks: what to backpropagate so that DDP's average is the global batch's gradient, and that mean.
         loss, mean = distributed.token_mean(out.loss, (labels != IGNORE_INDEX).sum())
         if config.word_alignment:  # a mean over this rank's prefix vectors; DDP averages it over the ranks
-            words = word_alignment_loss(out.prefix, captioner.lm.get_input_embeddings().weight, labels)
+            table = captioner.lm.get_input_embeddings().weight  # (V, D)
+            words = word_alignment_loss(out.prefix[..., : table.shape[1]], table, labels)  # the input slot
             loss = loss + config.word_alignment * words
             history["word_loss"].append(words.item())  # this rank's (rank 0's in the log)
         optimizer.zero_grad(set_to_none=True)

@@ -91,6 +91,23 @@ def test_captioner_stem_table_trains_the_preset_with_each_stem(monkeypatch):
     assert set(stem8["metrics"]) == {"test", "heldout"}
 
 
+def test_captioner_depth_table_gives_every_block_its_own_prefix():
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [c for _, c in bench.rows("depth")] == [{"prefix_depth": 1}, {"prefix_depth": 2}, {"prefix_depth": "every"}]
+    shallow, every = (bench.run_one("tiny", 2, 4, {"prefix_depth": k}) for k in (1, "every"))
+    from minivlm.captioner import CAPTIONER_PRESETS
+    from minivlm.cnn import CNN_PRESETS
+    from minivlm.lm import LM_PRESETS
+
+    c, d = CAPTIONER_PRESETS["tiny"], LM_PRESETS["tiny"].n_embd  # the tiny LM has 2 blocks: "every" is 2
+    features = CNN_PRESETS[c.cnn_preset].out_dim
+    assert every["trained_parameters"] - shallow["trained_parameters"] == (features + 1) * c.prefix_length * d  # a
+    # linear mapper's second set of P vectors
+    assert set(every["metrics"]) == {"test", "heldout"}
+
+
 def load_bench(script: str, monkeypatch):
     """Import bench/<script> as a module (bench/ on sys.path, as when it runs as a script)."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
@@ -177,10 +194,11 @@ def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
 
 
 def test_diagnose_quick_run_prints_the_four_measurements(tmp_path):
-    stdout, results = quick_run("diagnose.py", tmp_path, "--oracle-captions", "shuffled")
+    stdout, results = quick_run("diagnose.py", tmp_path, "--oracle-captions", "shuffled", "--oracle-depth", "2")
     for heading in ("1. the course captioner", "2. linear probes", "3. the oracle vision side", "4. the same oracle"):
         assert heading in stdout
     assert results["oracle_captions"] == "shuffled" and "shuffled captions" in stdout
+    assert results["oracle_captioner"]["prefix_depth"] == 2 and "read by 2 block(s)" in stdout  # the tiny LM's 2
     for part in ("captioner", "oracle", "oracle_lm_tuned"):
         table = results[part]
         assert set(table) <= {"all", "1 object", "2 objects", "3 objects"} and "all" in table

@@ -18,7 +18,7 @@ from minivlm.cnn import SmallCNN
 from minivlm.data.captions import CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
-from minivlm.prefix import LinearMapper
+from minivlm.prefix import LinearMapper, block_input_scales
 from minivlm.tokenizer import train_tokenizer
 
 TINY = CAPTIONER_PRESETS["tiny"]  # tiny CNN, linear mapper, P = 2
@@ -272,3 +272,116 @@ def test_a_frozen_lm_learns_to_name_each_images_colour():
         first = model(data["images"], data["input_ids"][:, :1]).logits[:, P - 1].argmax(-1)
     assert torch.equal(first, data["input_ids"][:, 0])
     assert isinstance(model.encoder, SmallCNN)
+
+
+# ---- a prefix read at every block (CaptionerConfig.prefix_depth) ----------------------------------
+
+DEEP = replace(TINY, prefix_depth=2)  # the tiny LM has 2 blocks: the input and block 1 both read the image
+
+
+def by_hand(model: Captioner, data: dict) -> torch.Tensor:
+    """The deep captioner's logits (B, P + T, V) computed without hooks: block k > 0 reads slot k at the prefix."""
+    lm, k = model.lm.lm, model.prefix_depth  # our GPT2 inside the DeepPrefixLM
+    prefix = model.mapper(model.encoder(data["images"]))  # (B, K * P, D)
+    sets = prefix.unflatten(1, (k, P))  # (B, K, P, D)
+    x = torch.cat([sets[:, 0], lm.transformer.wte(data["input_ids"])], dim=1)
+    x = x + lm.transformer.wpe(torch.arange(x.shape[1]))
+    for i, block in enumerate(lm.transformer.h):
+        if 0 < i < k:
+            x = torch.cat([sets[:, i], x[:, P:]], dim=1)  # the image's own vectors, in place of block i-1's
+        x, _ = block(x, None, None, i, False)
+    return lm.lm_head(lm.transformer.ln_f(x))
+
+
+def test_a_deep_prefix_is_read_by_every_block_it_names(lms):
+    """Block k reads the image's k-th set of P vectors at the prefix positions; text reads on as before."""
+    model = captioner(lms["minivlm"], DEEP).eval()
+    data = batch()
+    with torch.no_grad():
+        out = model(data["images"], data["input_ids"])
+        assert out.prefix.shape == (4, P, 2 * 32)  # each position's K slots side by side
+        assert_close(out.logits, by_hand(model, data), atol=1e-5, rtol=0)
+        shallow = Captioner(model.encoder, model.mapper, copy.deepcopy(lms["minivlm"]))  # the same 2P vectors, as
+        # an input prefix of 2P: a different model, so the logits differ
+        assert not torch.allclose(shallow(data["images"], data["input_ids"]).logits[:, 2 * P :], out.logits[:, P:])
+    scales = model.mapper.target_scale[:, 0]  # (K * P,): each set has the length its block reads
+    assert_close(scales, torch.tensor(block_input_scales(model.lm.lm, 2)).repeat_interleave(P))
+    lengths = model.prefix(data["images"]).unflatten(-1, (2, 32)).norm(dim=-1)  # (B, P, K)
+    assert_close(lengths, scales.view(2, P).T.expand(4, P, 2), rtol=1e-4, atol=0)
+
+
+def test_both_backends_read_a_deep_prefix_alike(lms):
+    ours = captioner(lms["minivlm"], DEEP).eval()
+    theirs = Captioner(copy.deepcopy(ours.encoder), copy.deepcopy(ours.mapper), copy.deepcopy(lms["transformers"]),
+                       prefix_depth=2).eval()  # fmt: skip
+    data = batch()
+    with torch.no_grad():
+        a = ours(data["images"], data["input_ids"], data["attention_mask"], data["labels"])
+        b = theirs(data["images"], data["input_ids"], data["attention_mask"], data["labels"])
+    real = torch.cat([torch.ones(4, P, dtype=torch.bool), data["attention_mask"].bool()], dim=1)
+    assert_close(a.logits[real], b.logits[real], atol=1e-5, rtol=0)
+    assert_close(a.loss, b.loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deep_prefix_trains_only_the_vision_side_and_groups_alike(lms, backend):
+    """The LM stays bit-identical and gradient-free; grouping captions by length gives the same gradients."""
+    data = batch(b=6, t=7)
+    model = captioner(lms[backend], DEEP).train()
+    assert not model.lm.training
+    before = {name: t.clone() for name, t in model.lm.state_dict().items()}
+    out = model(**data)
+    out.loss.backward()
+    grouped = captioner(lms[backend], DEEP).train()
+    g = grouped(**data, length_groups=3)
+    assert_close(g.loss, out.loss, atol=1e-6, rtol=1e-6)
+    g.loss.backward()
+    for (name, a), b in zip(model.named_parameters(), grouped.parameters()):
+        if a.requires_grad:
+            assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+    per_set = model.mapper.linear.weight.grad.unflatten(0, (2, -1)).abs().sum(dim=(1, 2))  # (K,)
+    assert (per_set > 0).all()  # the loss reaches the input's set and block 1's
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
+        id(p) for p in [*model.encoder.parameters(), *model.mapper.parameters()]}  # fmt: skip
+    optimizer.step()
+    for name, t in model.lm.state_dict().items():
+        assert torch.equal(t, before[name]), f"the frozen LM's {name} changed"
+    assert all(p.grad is None and not p.requires_grad for p in model.lm.parameters())
+
+
+def test_a_deep_prefix_decodes_the_same_every_way():
+    """Cached and uncached greedy agree, beam width 1 is greedy, a batch is its images one by one, with a prompt too."""
+    world = ShapesWorld("train", image_size=32, seed=1, length=32)
+    tokenizer = train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=300)
+    torch.manual_seed(0)
+    lm = GPT2(GPT2Config(vocab_size=300, n_positions=48, n_embd=32, n_layer=3, n_head=2))
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3)  # predictions that vary with the input (and so with the prefix)
+    model = Captioner.from_config(lm, replace(TINY, prefix_depth=3)).eval()
+    images = torch.rand(3, 3, 32, 32)
+    for prompt in (None, "a small"):
+        greedy = model.generate(images, tokenizer, max_new_tokens=8, prompt=prompt)
+        assert greedy == model.generate(images, tokenizer, max_new_tokens=8, prompt=prompt, use_cache=False)
+        assert greedy == model.generate(images, tokenizer, max_new_tokens=8, prompt=prompt, strategy="beam",
+                                        num_beams=1)  # fmt: skip
+        assert greedy == [model.generate(images[i : i + 1], tokenizer, max_new_tokens=8, prompt=prompt)[0]
+                          for i in range(3)]  # fmt: skip
+    assert len(set(model.generate(images, tokenizer, max_new_tokens=8))) > 1  # the images are read
+
+
+def test_a_deep_prefix_refuses_what_cannot_work(lms):
+    with pytest.raises(ValueError, match="prefix_depth must be an int of at least 1"):
+        CaptionerConfig(prefix_depth=0)
+    with pytest.raises(ValueError, match=r"read by 1 to 2 blocks of this LM, got depth=3"):
+        Captioner.from_config(lms["minivlm"], replace(TINY, prefix_depth=3))
+    model = captioner(lms["minivlm"])
+    with pytest.raises(ValueError, match="needs 2 sets of P vectors; the mapper writes 3, not a multiple of 2"):
+        Captioner(model.encoder, LinearMapper(model.encoder.out_dim, 32, 3, 1.0), lms["minivlm"], prefix_depth=2)
+    deep = captioner(lms["minivlm"], DEEP)
+    with pytest.raises(ValueError, match=r"expected inputs_embeds of shape \(B, T, 2 \* 32\)"):
+        deep.lm(inputs_embeds=torch.zeros(1, 3, 32))
+    with pytest.raises(ValueError, match="target_scale has 3 lengths for 4 prefix vectors"):
+        LinearMapper(8, 32, 4, [1.0, 2.0, 3.0])

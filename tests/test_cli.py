@@ -125,11 +125,15 @@ def test_caption_of_a_missing_or_unreadable_file_is_one_line(tmp_path, capsys):
 def test_train_evaluate_caption_round_trip(tmp_path, cache, capsys):
     run = str(tmp_path / "run")
     assert main(["train", "--preset", "tiny", "--steps", "4", "--mapper", "mlp", "--prefix-length", "3",
-                 "--word-alignment", "0.5", "--out", run]) == 0  # fmt: skip
+                 "--prefix-depth", "2", "--word-alignment", "0.5", "--out", run]) == 0  # fmt: skip
     assert "trained 4 steps" in capsys.readouterr().out and (tmp_path / "run" / "loss.png").is_file()
     config = T.read_config(run)
-    assert (config.steps, config.captioner.mapper, config.captioner.prefix_length, config.word_alignment) == (
-        4, "mlp", 3, 0.5)  # fmt: skip
+    c = config.captioner
+    assert (config.steps, c.mapper, c.prefix_length, c.prefix_depth, config.word_alignment) == (4, "mlp", 3, 2, 0.5)
+    deeper = ["train", "--preset", "tiny", "--steps", "4", "--prefix-depth", "3", "--out", str(tmp_path / "deep")]
+    assert main(deeper) == 2  # the tiny course LM has 2 blocks
+    assert "read by 1 to 2 blocks of this LM, got depth=3" in one_error_line(capsys)
+    assert not (tmp_path / "deep").exists()  # nothing half-written
     assert main(["train", "--preset", "tiny", "--steps", "4", "--out", run]) == 2  # not overwritten without --resume
     assert "already holds a checkpoint: add --resume" in one_error_line(capsys)
 

@@ -4,6 +4,7 @@ changes nothing, cached scoring equals running every (prompt, candidate) whole, 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.tokenizer import train_tokenizer
 
 BACKENDS = ["minivlm", "transformers"]
+DEEP = ["minivlm-deep", "transformers-deep"]  # the same, with the prefix read by both blocks (prefix_depth=2)
 V, CONTEXT = 300, 128
 P = CAPTIONER_PRESETS["tiny"].prefix_length
+DEEP_CONFIG = replace(CAPTIONER_PRESETS["tiny"], prefix_depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,9 @@ def captioners():
                 p.normal_(0.0, 0.3)
     out = {}
     for backend, lm in (("minivlm", GPT2.from_hf(hf)), ("transformers", copy.deepcopy(hf))):
-        torch.manual_seed(1)
-        out[backend] = Captioner.from_config(lm, "tiny").eval()
+        for name, config in ((backend, CAPTIONER_PRESETS["tiny"]), (f"{backend}-deep", DEEP_CONFIG)):
+            torch.manual_seed(1)
+            out[name] = Captioner.from_config(copy.deepcopy(lm), config).eval()
     return out
 
 
@@ -55,8 +59,9 @@ def prompts(n: int = 4, seed: int = 0) -> tuple[list, list]:
     return to_prompts(episodes, "images"), episodes
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + DEEP)
 def test_embed_prompts_puts_each_prefix_and_each_text_in_place(captioners, tokenizer, backend):
+    """Text as token embeddings, each image as its prefix (a deep prefix: K slots of D; text's deeper slots 0)."""
     cap = captioners[backend]
     image = torch.rand(3, 32, 32)
     embeds, mask = fewshot.embed_prompts(cap, tokenizer, [["answer with dax.", image, " this is a"], ["hi", image]],
@@ -64,7 +69,7 @@ def test_embed_prompts_puts_each_prefix_and_each_text_in_place(captioners, token
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("answer with dax.", " this is a", "hi")]
     table = cap.lm.get_input_embeddings()
     length = len(ids[0]) + P + len(ids[1])
-    assert embeds.shape == (2, length, 32) and mask.shape == (2, length)
+    assert embeds.shape == (2, length, 32 * cap.prefix_depth) and mask.shape == (2, length)
     assert_close(embeds[0, : len(ids[0])], table(torch.tensor(ids[0])))
     assert_close(embeds[0, len(ids[0]) : len(ids[0]) + P], cap.prefix(image[None])[0])
     assert_close(embeds[0, -len(ids[1]) :], table(torch.tensor(ids[1])))
@@ -101,7 +106,7 @@ def test_a_prompt_that_opens_with_text_opens_with_end_of_text_as_pretraining_tex
                               fewshot.score(cap, tokenizer, [text_first], [[" dax.", " wug."]], start_of_text=False))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + DEEP)
 def test_complete_of_a_batch_equals_each_prompt_alone(captioners, tokenizer, backend):
     cap = captioners[backend]
     batch, _ = prompts(4)
@@ -111,7 +116,7 @@ def test_complete_of_a_batch_equals_each_prompt_alone(captioners, tokenizer, bac
     assert len(set(together)) > 1  # the prompts lead somewhere different: the comparison is not vacuous
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + DEEP)
 def test_complete_of_one_image_is_the_captioners_caption(captioners, tokenizer, backend):
     cap = captioners[backend]
     images = torch.rand(3, 3, 32, 32)
@@ -133,7 +138,7 @@ def reference_scores(cap: Captioner, tokenizer, batch: list, candidates: list[li
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + DEEP)
 def test_cached_scoring_equals_running_each_candidate_whole(captioners, tokenizer, backend):
     cap = captioners[backend]
     batch, episodes = prompts(4)
@@ -143,13 +148,14 @@ def test_cached_scoring_equals_running_each_candidate_whole(captioners, tokenize
                      reference_scores(cap, tokenizer, batch, candidates), atol=1e-4, rtol=1e-4)  # fmt: skip
 
 
-def test_the_two_backends_agree(captioners, tokenizer):
+@pytest.mark.parametrize("pair", [BACKENDS, DEEP])
+def test_the_two_backends_agree(captioners, tokenizer, pair):
     batch, episodes = prompts(3)
     candidates = [[f" {c}." for c in e.candidates] for e in episodes]
-    ours, theirs = (fewshot.score(captioners[b], tokenizer, batch, candidates) for b in BACKENDS)
+    ours, theirs = (fewshot.score(captioners[b], tokenizer, batch, candidates) for b in pair)
     assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    assert fewshot.complete(captioners["minivlm"], tokenizer, batch) == fewshot.complete(
-        captioners["transformers"], tokenizer, batch
+    assert fewshot.complete(captioners[pair[0]], tokenizer, batch) == fewshot.complete(
+        captioners[pair[1]], tokenizer, batch
     )
 
 

@@ -140,6 +140,19 @@ def test_length_groups_train_as_one_padded_batch(lm, tokenizer, run):
     assert_close(outputs(grouped), outputs(captioner), atol=1e-4, rtol=1e-4)
 
 
+def test_a_deep_prefix_trains_saves_and_reloads(lm, tokenizer, tmp_path):
+    """prefix_depth=2: the LM stays bit-identical, and the checkpoint (K sets of P lengths) reloads to the same outputs."""
+    before = lm_state(lm)
+    config = replace(CONFIG, captioner=replace(CONFIG.captioner, prefix_depth=2), word_alignment=0.5)
+    captioner, history = train(config, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False)
+    assert captioner.prefix_depth == 2 and captioner.prefix_length == CONFIG.captioner.prefix_length
+    assert history["loss"][-1] < history["loss"][0] and len(history["word_loss"]) == config.steps
+    assert load_file(tmp_path / "trainable.safetensors")["mapper.target_scale"].shape == (2 * 2, 1)
+    assert read_config(tmp_path) == config
+    assert torch.equal(outputs(load_captioner(tmp_path, lm=lm)), outputs(captioner))
+    assert all(torch.equal(before[k], t) for k, t in lm_state(lm).items())
+
+
 def test_word_alignment_writes_the_prefix_in_words_and_leaves_the_lm_frozen(lm, tokenizer):
     """With word_alignment the prefix is pulled towards the caption's words; the LM still does not move."""
     before = lm_state(lm)
