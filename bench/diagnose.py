@@ -285,7 +285,7 @@ def main() -> None:
         print(f"{name:<16} " + "  ".join(f"{100 * v:>15.1f}" for v in row.values()))
 
     # 3. the oracle: true attributes in, only the mapper trained
-    lm = captioner.lm  # the same frozen LM, already loaded
+    lm = captioner.language_model  # the same frozen LM, already loaded (not a DeepPrefixLM around it)
     if args.quick:
         config = replace(config, steps=10, warmup=1)
     changes = {"mapper": args.oracle_mapper, "prefix_length": args.oracle_prefix, "prefix_depth": args.oracle_depth}

@@ -30,7 +30,8 @@ frozen LM, which takes each position's K vectors side by side, (B, T, K * D). Ev
 decoding, few-shot prompts) is the same code. A small frozen LM is far easier to steer that way
 (`bench/diagnose.py --oracle-depth` measures it).
 
-Axis letters: B batch, P prefix tokens, T caption tokens, D the LM's width, V vocabulary, N new tokens.
+Axis letters: B batch, P prefix tokens, T caption tokens, D the LM's width (K * D with a prefix read by K
+blocks), V vocabulary, N new tokens.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ class Captioner(nn.Module):
         self.prefix_length = mapper.prefix_length // prefix_depth  # P
         self.context = lm.config.n_positions  # the most positions the LM can see: P + T must fit
 
+    @property
+    def language_model(self) -> nn.Module:
+        """The LM itself: `self.lm`, or the LM inside it when `self.lm` is a DeepPrefixLM (prefix_depth > 1)."""
+        return self.lm.lm if isinstance(self.lm, DeepPrefixLM) else self.lm
+
     @classmethod
     def from_config(cls, lm: nn.Module, config: CaptionerConfig | str = "cpu") -> Captioner:
         """Build the encoder and mapper a config (or CAPTIONER_PRESETS name) describes, around this LM."""
@@ -167,7 +173,11 @@ class Captioner(nn.Module):
             )
 
     def embed(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The LM's input: (inputs_embeds (B, P + T, D), attention_mask (B, P + T)), the prefix then the tokens."""
+        """The LM's input: (inputs_embeds (B, P + T, D), attention_mask (B, P + T)), the prefix then the tokens.
+
+        With prefix_depth K > 1 every vector is K * D wide: the prefix fills all K slots, a token its first
+        (`minivlm.prefix.WideEmbedding`).
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
         if attention_mask is None:

@@ -269,12 +269,13 @@ class WideEmbedding:
 
     def __init__(self, table: nn.Embedding, depth: int):
         self.table, self.depth = table, depth
-        self.weight = table.weight  # (V, D): what callers read the device, dtype and the words from
-        self.embedding_dim, self.num_embeddings = table.embedding_dim, table.num_embeddings
+        self.weight = table.weight  # (V, D): the LM's table, what callers read the device, dtype and the words from
+        self.embedding_dim = depth * table.embedding_dim  # K * D: the width of the vectors it gives
+        self.num_embeddings = table.num_embeddings  # V
 
     def __call__(self, ids: Tensor) -> Tensor:
         """ids (...) -> (..., K * D)."""
-        return F.pad(self.table(ids), (0, (self.depth - 1) * self.embedding_dim))
+        return F.pad(self.table(ids), (0, (self.depth - 1) * self.table.embedding_dim))
 
 
 class DeepPrefixLM(nn.Module):
@@ -292,6 +293,9 @@ class DeepPrefixLM(nn.Module):
 
     def __init__(self, lm: nn.Module, depth: int):
         super().__init__()
+        if isinstance(lm, DeepPrefixLM):
+            raise TypeError("this LM already reads a prefix at several blocks; pass the LM inside it "
+                            "(`captioner.language_model`, or `.lm` of the DeepPrefixLM)")  # fmt: skip
         n = len(blocks_of(lm))
         if not 2 <= depth <= n:
             raise ValueError(f"a DeepPrefixLM's prefix is read by 2 to {n} blocks (n_layer) of this LM, got "

@@ -383,5 +383,8 @@ def test_a_deep_prefix_refuses_what_cannot_work(lms):
     deep = captioner(lms["minivlm"], DEEP)
     with pytest.raises(ValueError, match=r"expected inputs_embeds of shape \(B, T, 2 \* 32\)"):
         deep.lm(inputs_embeds=torch.zeros(1, 3, 32))
+    assert deep.language_model is deep.lm.lm and model.language_model is model.lm  # the LM itself, either way
+    with pytest.raises(TypeError, match="already reads a prefix at several blocks; pass the LM inside it"):
+        Captioner.from_config(deep.lm, DEEP)  # a DeepPrefixLM inside a DeepPrefixLM
     with pytest.raises(ValueError, match="target_scale has 3 lengths for 4 prefix vectors"):
         LinearMapper(8, 32, 4, [1.0, 2.0, 3.0])
