@@ -1,6 +1,6 @@
-"""The captioner, measured: the control experiments, the ablation over prefix length and mapper, the stem, the depth.
+"""The captioner, measured: the controls, the ablation over prefix length and mapper, the stem, the depth, the colour.
 
-Four tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+Five tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
 (pretrained once, or read from the cache) and scored on new test and held-out images:
 
 - `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
@@ -13,6 +13,9 @@ Four tables, each row a captioner trained from scratch (`minivlm.train.train`) a
 - `--table depth`: the prefix read by the LM's input only (Frozen, ClipCap), by its first two blocks,
   and by every block (`CaptionerConfig.prefix_depth`, prefix-tuning): how much a small frozen LM gains
   when the image speaks to each block rather than only to the first.
+- `--table colour`: one CNN that sees colour and shape together, beside a colour-blind CNN with a colour
+  path of its own (`CNNConfig.colour`, the preset): what telling shape apart from colour does for the
+  held-out colour–shape pairs.
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -22,6 +25,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table ablation --steps 400  # 12 shorter runs
     .venv/bin/python bench/captioner.py --table stem --threads 2      # 3 runs of the cpu preset (about 16 minutes)
     .venv/bin/python bench/captioner.py --table depth --threads 2     # 3 runs of the cpu preset (about 20 minutes)
+    .venv/bin/python bench/captioner.py --table colour --threads 2    # 2 runs of the cpu preset
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -38,7 +42,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation", "stem", "depth")
+TABLES = ("controls", "ablation", "stem", "depth", "colour")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -48,6 +52,7 @@ PREFIX_LENGTHS = (1, 2, 4, 8)
 MAPPERS = ("linear", "mlp", "transformer")
 STEMS = (0, 16, 32)  # channels of the CNN's full-resolution stem (0: none); the cpu preset has 16
 DEPTHS = (1, 2, "every")  # blocks of the LM that read the prefix; "every": all n_layer of them
+COLOUR_PATHS = (0, 16)  # channels of the CNN's colour path (0: none, one CNN sees colour and shape); the preset's 16
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -60,6 +65,9 @@ def rows(table: str) -> list[tuple[str, dict]]:
     if table == "depth":
         labels = {1: "read by the input (Frozen)", 2: "read by 2 blocks", "every": "read by every block"}
         return [(labels[k], {"prefix_depth": k}) for k in DEPTHS]
+    if table == "colour":
+        labels = {0: "one CNN: colour and shape", 16: "colour-blind CNN + colour path"}
+        return [(labels[c], {"colour": c}) for c in COLOUR_PATHS]
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
@@ -71,11 +79,11 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     from minivlm.train import TRAIN_PRESETS, train
 
     config = TRAIN_PRESETS[preset]
-    if "stem" in changes:  # a CNN preset of its own, for this process only: the preset's CNN with another stem
-        changes = dict(changes)
-        cnn = f"{config.captioner.cnn_preset}, stem {changes['stem']}"
-        CNN_PRESETS[cnn] = replace(CNN_PRESETS[config.captioner.cnn_preset], stem=changes.pop("stem"))
-        changes["cnn_preset"] = cnn
+    cnn_changes = {k: v for k, v in changes.items() if k in ("stem", "colour")}
+    if cnn_changes:  # a CNN preset of its own, for this process only: the preset's CNN with another stem or colour path
+        cnn = ", ".join([config.captioner.cnn_preset, *(f"{k} {v}" for k, v in cnn_changes.items())])
+        CNN_PRESETS[cnn] = replace(CNN_PRESETS[config.captioner.cnn_preset], **cnn_changes)
+        changes = {**{k: v for k, v in changes.items() if k not in cnn_changes}, "cnn_preset": cnn}
     if steps is not None:
         config = replace(config, steps=steps, warmup=min(config.warmup, steps // 10))
     lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training

@@ -29,6 +29,18 @@ positions. Three choices are worth knowing:
   vector, and the mapper learns a weight per cell, so *where* something is survives. (Adding a global
   pool as well would add nothing: the pool is a linear function of the flattened cells.)
 
+- **Shape without colour** (`CNNConfig.colour`, optional). A CNN learns the colour–shape pairs it is
+  shown: trained on scenes where no triangle is ever red, its first layers detect "a red edge" and "a
+  green edge", and what it builds from them for "triangle" never fires on a red one; the course's
+  captioner named a held-out pair (`shapes.HELD_OUT_PAIRS`) in one image of twenty. With `colour = C`
+  the network is split in two, as an inductive bias rather than more data. Its first convolution is a
+  `ColourBlindConv`: one zero-sum kernel run over R, G and B alone, the strongest |response| kept, so
+  every layer above it sees edges of the same strength whatever their colour, and can learn shapes
+  only. Colour comes in by a path of its own, 1x1 convolutions that see one pixel at a time (which colour,
+  never what shape), averaged over the same grid cells, C numbers a cell beside the shape features.
+  What an object looks like and what colour it is then reach the prefix apart, and a pair never seen
+  in training is two things each seen many times.
+
 `ResNetTrunk` wraps torchvision's ResNet-18 for the pretrained-encoder experiment, as ClipCap (Mokady et
 al., 2021) starts from a pretrained image model. It never downloads: pass a weights file you have. Its
 features are read with a *forward hook* on the `avgpool` layer, the standard way to take an intermediate
@@ -45,7 +57,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import Tensor, nn
 
 __all__ = ["CNNConfig", "CNN_PRESETS", "ENCODERS", "check_images", "ResidualBlock", "SmallCNN", "ResNetTrunk", "build_encoder"]
@@ -63,6 +75,7 @@ class CNNConfig:
     grid: int = 4  # the last map is averaged to grid x grid cells and flattened: F = widths[-1] * grid²
     groups: int = 8  # GroupNorm groups; every width must be divisible by it
     stem: int = 0  # C of a stride-1 convolution at full resolution before the first stage (0: none)
+    colour: int = 0  # C of a separate colour path (0: none); with one, the layers above are colour-blind
 
     def __post_init__(self):
         if len(self.widths) != len(self.blocks) or not self.widths:
@@ -73,8 +86,9 @@ class CNNConfig:
             raise ValueError(
                 f"every width in {self.widths} and stem={self.stem} must be divisible by groups={self.groups}"
             )
-        if self.stem < 0:
-            raise ValueError(f"stem must be >= 0 channels, got {self.stem}")
+        for name in ("stem", "colour"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 channels, got {getattr(self, name)}")
         if min(self.blocks) < 0:
             raise ValueError(f"blocks per stage must be >= 0, got {self.blocks}")
         if self.final_size < self.grid or self.final_size % self.grid:
@@ -92,14 +106,14 @@ class CNNConfig:
     @property
     def out_dim(self) -> int:
         """F, the length of each image's feature vector."""
-        return self.widths[-1] * self.grid**2
+        return (self.widths[-1] + self.colour) * self.grid**2
 
 
 # "tiny": for tests (about 30 thousand parameters). "cpu": the course's encoder, 1.1 M parameters at
 # any image size, trained from scratch at several hundred 32-pixel images a second on a CPU.
 CNN_PRESETS: dict[str, CNNConfig] = {
     "tiny": CNNConfig(widths=(8, 16, 32), blocks=(0, 1, 1)),
-    "cpu": CNNConfig(stem=16),
+    "cpu": CNNConfig(stem=16, colour=16),
 }
 
 
@@ -115,9 +129,33 @@ def check_images(images: Tensor, image_size: int | None) -> None:
         raise ValueError(f"expected float images (in [0, 1], or ImageNet-normalised), got dtype {images.dtype}")
 
 
-def _conv_norm(c_in: int, c_out: int, groups: int, stride: int = 1) -> nn.Sequential:
-    """3x3 convolution (no bias: the norm that follows has one) then GroupNorm."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False), nn.GroupNorm(groups, c_out))
+def _conv_norm(c_in: int, c_out: int, groups: int, stride: int = 1, colour_blind: bool = False) -> nn.Sequential:
+    """3x3 convolution (no bias: the norm that follows has one) then GroupNorm; colour_blind: a ColourBlindConv."""
+    conv = ColourBlindConv(c_out, stride) if colour_blind else nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+    return nn.Sequential(conv, nn.GroupNorm(groups, c_out))
+
+
+class ColourBlindConv(nn.Module):
+    """A 3x3 convolution that sees edges but not their colour: one kernel per channel of RGB, the strongest wins.
+
+    The same single-channel kernel runs over R, G and B; each kernel sums to zero, so a flat region (any
+    colour) gives 0 and only edges respond; the output is the largest |response| of the three. An edge
+    between a shape and the grey background then gives about the same response whatever the shape's
+    colour (the strongest of its three channel contrasts), so nothing after it can tell colours apart.
+    """
+
+    def __init__(self, c_out: int, stride: int = 1):
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(torch.empty(c_out, 1, 3, 3))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv2d's own initialisation
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> (B, C, H / stride, W / stride)."""
+        kernel = self.weight - self.weight.mean(dim=(2, 3), keepdim=True)  # each sums to 0: blind to flat colour
+        x = F.pad(rearrange(images, "b rgb h w -> (b rgb) 1 h w"), (1, 1, 1, 1), mode="replicate")  # no border edge
+        x = F.conv2d(x, kernel, stride=self.stride)  # (B * 3, C, H', W')
+        return reduce(x.abs(), "(b rgb) c h w -> b c h w", "max", rgb=3)
 
 
 class ResidualBlock(nn.Module):
@@ -144,19 +182,25 @@ class SmallCNN(nn.Module):
         c_in = 3  # without `stem`, the first stage's stride-2 convolution is the stem
         layers: list[nn.Module] = []
         if config.stem:  # a narrow convolution at full resolution: edges and corners before any downsampling
-            layers += [_conv_norm(c_in, config.stem, g), nn.ReLU()]
+            layers += [_conv_norm(c_in, config.stem, g, colour_blind=bool(config.colour)), nn.ReLU()]
             c_in = config.stem
-        for c, n in zip(config.widths, config.blocks):
-            layers += [_conv_norm(c_in, c, g, stride=2), nn.ReLU()]  # halve H and W: no residual, the shape changes
+        for i, (c, n) in enumerate(zip(config.widths, config.blocks)):
+            blind = i == 0 and config.colour and not config.stem  # the first convolution is the colour-blind one
+            layers += [_conv_norm(c_in, c, g, stride=2, colour_blind=blind), nn.ReLU()]  # halve H and W: no residual
             layers += [ResidualBlock(c, g) for _ in range(n)]  # same shape in and out: residual
             c_in = c
         self.layers = nn.Sequential(*layers)
+        c = config.colour  # per pixel, 1x1 convolutions: which colour, never what shape
+        self.colour = nn.Sequential(nn.Conv2d(3, c, 1, bias=False), nn.GroupNorm(g, c), nn.ReLU(),
+                                    nn.Conv2d(c, c, 1, bias=False), nn.GroupNorm(g, c), nn.ReLU()) if c else None
 
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, S, S) -> features (B, F), F = C * grid² in (cell row, cell column, channel) order."""
         check_images(images, self.config.image_size)
         x = self.layers(images)  # (B, C, S / 2^stages, S / 2^stages)
         x = F.adaptive_avg_pool2d(x, self.config.grid)  # (B, C, grid, grid): each cell the mean of its region
+        if self.colour is not None:  # the share of each colour feature in each cell, beside its shape features
+            x = torch.cat([x, F.adaptive_avg_pool2d(self.colour(images), self.config.grid)], dim=1)
         return rearrange(x, "b c h w -> b (h w c)")  # (B, F)
 
 

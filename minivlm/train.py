@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from minivlm import distributed
 from minivlm.captioner import CAPTIONER_PRESETS, Captioner, CaptionerConfig
-from minivlm.cnn import CNN_PRESETS
+from minivlm.cnn import CNN_PRESETS, CNNConfig
 from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
@@ -80,6 +80,7 @@ BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "worker
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
 ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups")
 CAPTIONER_ADDED_FIELDS = ("prefix_depth",)  # the same, of CaptionerConfig
+CNN_ADDED_FIELDS = ("colour",)  # the same, of CNNConfig
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
 CAPTIONER_CACHE_VERSION = 2  # bump when training code or data change what a config trains: cached captioners retrain (2: canonical captions)
@@ -412,20 +413,22 @@ def load_captioner(out_dir: str | Path, lm: nn.Module | None = None) -> Captione
 def _cache_name(preset: str) -> str:
     """The cache entry of a preset's captioner: the preset and 12 hex digits of a hash of what decides its weights.
 
-    That is its TrainConfig (ADDED_FIELDS and CAPTIONER_ADDED_FIELDS only where they differ from their
-    defaults), the shape of its CNN preset (the config names the preset only), the LM's identity (for the
-    course LM, its own cache key) and CAPTIONER_CACHE_VERSION.
+    That is its TrainConfig, the shape of its CNN preset (the config names the preset only), the LM's
+    identity (for the course LM, its own cache key) and CAPTIONER_CACHE_VERSION. A field that came later
+    (ADDED_FIELDS, CAPTIONER_ADDED_FIELDS, CNN_ADDED_FIELDS) counts only where it differs from its default.
     """
     from minivlm.lm import LM_PRESETS, cache_key
+
+    def known(fields: dict, added: tuple[str, ...], default) -> dict:
+        return {k: v for k, v in fields.items() if k not in added or v != getattr(default, k)}
 
     config = _resolve(preset)
     name, _, lm_preset = config.lm.partition(":")
     lm_identity = cache_key(LM_PRESETS[lm_preset or "cpu"]) if name == "course" else config.lm
-    fields = {k: v for k, v in config.to_dict().items() if k not in ADDED_FIELDS or v != getattr(TrainConfig, k)}
-    fields["captioner"] = {k: v for k, v in fields["captioner"].items()
-                           if k not in CAPTIONER_ADDED_FIELDS or v != getattr(CaptionerConfig, k)}  # fmt: skip
+    fields = known(config.to_dict(), ADDED_FIELDS, TrainConfig)
+    fields["captioner"] = known(fields["captioner"], CAPTIONER_ADDED_FIELDS, CaptionerConfig)
     c = config.captioner
-    cnn = asdict(CNN_PRESETS[c.cnn_preset]) if c.encoder == "cnn" else None
+    cnn = known(asdict(CNN_PRESETS[c.cnn_preset]), CNN_ADDED_FIELDS, CNNConfig) if c.encoder == "cnn" else None
     text = json.dumps({"version": CAPTIONER_CACHE_VERSION, "lm": lm_identity, "cnn": cnn, "train": fields},
                       sort_keys=True)  # fmt: skip
     return f"{preset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"

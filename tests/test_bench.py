@@ -91,6 +91,21 @@ def test_captioner_stem_table_trains_the_preset_with_each_stem(monkeypatch):
     assert set(stem8["metrics"]) == {"test", "heldout"}
 
 
+def test_captioner_colour_table_trains_the_preset_with_and_without_a_colour_path(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [c for _, c in bench.rows("colour")] == [{"colour": 0}, {"colour": 16}]
+    from minivlm.cnn import CNN_PRESETS
+
+    for colour in (0, 8):  # the entries a run adds are removed afterwards
+        monkeypatch.setitem(CNN_PRESETS, f"tiny, colour {colour}", None)
+    without, with_colour = (bench.run_one("tiny", 2, 4, {"colour": c}) for c in (0, 8))
+    assert CNN_PRESETS["tiny, colour 8"] == replace(CNN_PRESETS["tiny"], colour=8)
+    assert with_colour["trained_parameters"] > without["trained_parameters"]  # the colour path and the wider mapper
+    assert set(with_colour["metrics"]) == {"test", "heldout"}
+
+
 def test_captioner_depth_table_gives_every_block_its_own_prefix():
     spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
     bench = importlib.util.module_from_spec(spec)

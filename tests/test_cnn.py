@@ -8,9 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from einops import rearrange
 from torch.testing import assert_close
 
-from minivlm.cnn import CNN_PRESETS, CNNConfig, ResNetTrunk, SmallCNN, build_encoder
+from minivlm.cnn import CNN_PRESETS, CNNConfig, ColourBlindConv, ResNetTrunk, SmallCNN, build_encoder
+from minivlm.data.shapes import COLOURS, Obj, Scene, render
 
 TINY = CNN_PRESETS["tiny"]
 
@@ -69,11 +71,11 @@ def test_stem_runs_at_full_resolution():
 
 
 def test_cpu_preset_size():
-    """The course's encoder: 1.1 M parameters, F = 160 * 4 * 4 features, at 32 and 64 pixels alike."""
+    """The course's encoder: 1.1 M parameters, F = (160 + 16) * 4 * 4 features, at 32 and 64 pixels alike."""
     for size in (32, 64):
         encoder = build_encoder("cnn", size)
         assert sum(p.numel() for p in encoder.parameters()) == pytest.approx(1.13e6, rel=0.01)
-        assert encoder.out_dim == 2560
+        assert encoder.out_dim == 2816
 
 
 @pytest.mark.parametrize(
@@ -82,6 +84,45 @@ def test_cpu_preset_size():
 def test_bad_images_are_errors(shape):
     with pytest.raises(ValueError, match=re.escape(f"expected images of shape (B, 3, 32, 32), got {shape}")):
         SmallCNN(TINY)(torch.rand(shape))
+
+
+def _one_square_in_each_colour() -> torch.Tensor:
+    """(5, 3, 32, 32): the same large square at the same place, once in each of the world's colours."""
+    scenes = [Scene((Obj("square", colour, "large", 0.4, 0.55),), ()) for colour in COLOURS]
+    return torch.stack([torch.from_numpy(render(s, 32)).permute(2, 0, 1).float() / 255 for s in scenes])
+
+
+def test_colour_blind_conv_by_hand():
+    """Each zero-sum kernel runs over R, G and B alone (edges replicated at the border); the largest |response| wins."""
+    torch.manual_seed(0)
+    conv = ColourBlindConv(4, stride=2)
+    images = torch.rand(2, 3, 9, 9)
+    kernel = conv.weight - conv.weight.mean(dim=(2, 3), keepdim=True)
+    assert_close(kernel.sum(dim=(1, 2, 3)), torch.zeros(4))
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+    per_channel = [torch.nn.functional.conv2d(padded[:, c : c + 1], kernel, stride=2).abs() for c in range(3)]
+    assert_close(conv(images), torch.stack(per_channel).amax(0))
+    flat = torch.ones(5, 3, 8, 8) * torch.rand(5, 3, 1, 1)  # five images, each one flat colour
+    assert_close(conv(flat), torch.zeros(5, 4, 4, 4))
+
+
+def test_colour_path_leaves_the_cnn_colour_blind():
+    """With `colour`, one square gives the same shape features in every colour; the colour path tells them apart."""
+    torch.manual_seed(0)
+    images = _one_square_in_each_colour()
+    for stem in (0, 8):  # the colour-blind convolution is the stem, or the first stage's when there is none
+        config = replace(TINY, stem=stem, colour=8)
+        encoder = SmallCNN(config).eval()
+        assert encoder.out_dim == (config.widths[-1] + 8) * config.grid**2
+        with torch.no_grad():
+            shape_features, features = encoder.layers(images), encoder(images)
+        assert features.shape == (5, encoder.out_dim)
+        assert_close(shape_features, shape_features[:1].expand_as(shape_features), atol=0.02, rtol=0.02)
+        colours = rearrange(features, "b (cell c) -> b cell c", c=config.widths[-1] + 8)[..., -8:]  # the colour path's
+        assert torch.cdist(colours.flatten(1), colours.flatten(1)).fill_diagonal_(1.0).min() > 0.01  # all differ
+    with torch.no_grad():  # the plain CNN sees the colours in its first layer
+        plain = SmallCNN(replace(TINY, stem=8)).eval().layers(images)
+    assert (plain - plain[:1]).abs().amax() > 0.1
 
 
 def test_integer_images_are_an_error():
@@ -96,6 +137,8 @@ def test_bad_configs_are_errors():
         CNNConfig(stem=12)
     with pytest.raises(ValueError, match="stem must be >= 0"):
         CNNConfig(stem=-8)
+    with pytest.raises(ValueError, match="colour must be >= 0"):
+        CNNConfig(colour=-8)
     with pytest.raises(ValueError, match="same, non-zero number of stages"):
         CNNConfig(widths=(8, 16), blocks=(1,))
     with pytest.raises(ValueError, match="does not divide into a 4 x 4 grid"):

@@ -288,10 +288,15 @@ def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
     6,000 steps of 8 windows), the CNN preset's shape in the key (when `CNNConfig.stem` came), and the cpu
     preset of 2026-11-25 (a 16-channel stem, 2,800 steps, 3 length groups): each renamed entries on purpose.
     So did the cpu preset's prefix read by every block and its 179,200 training images, later that day; the
-    preset before them, whose `prefix_depth` is CaptionerConfig's default, keeps the name it had.
+    preset before them, whose `prefix_depth` is CaptionerConfig's default, keeps the name it had. And so did
+    its CNN's colour path (`CNNConfig.colour`, 2026-12-06); the CNN presets without one keep their names.
     """
+    from minivlm import cnn
+
     assert T.CAPTIONER_CACHE_VERSION == 2
-    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-efa93c940f87"
+    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-5fcbd8932bd2"
+    monkeypatch.setitem(cnn.CNN_PRESETS, "cpu", replace(cnn.CNN_PRESETS["cpu"], colour=0))
+    assert T._cache_name("cpu") == "cpu-efa93c940f87"  # CNNConfig's new field, at its default: the old name
     before = replace(T.TRAIN_PRESETS["cpu"], captioner=CAPTIONER_PRESETS["cpu"], train_images=20_000)
     assert before.captioner.prefix_depth == 1
     monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", before)
