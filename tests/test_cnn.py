@@ -133,8 +133,10 @@ def test_integer_images_are_an_error():
 def test_bad_configs_are_errors():
     with pytest.raises(ValueError, match="divisible by groups"):
         CNNConfig(widths=(12, 16), blocks=(1, 1))
-    with pytest.raises(ValueError, match="stem=12 must be divisible by groups"):
+    with pytest.raises(ValueError, match="stem=12 and colour=0 must be divisible by groups"):
         CNNConfig(stem=12)
+    with pytest.raises(ValueError, match="colour=12 must be divisible by groups"):
+        CNNConfig(colour=12)
     with pytest.raises(ValueError, match="stem must be >= 0"):
         CNNConfig(stem=-8)
     with pytest.raises(ValueError, match="colour must be >= 0"):
