@@ -253,16 +253,18 @@ def load_checkpoint(directory: str):
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Print the metrics table of a checkpoint on the test and held-out splits."""
-    from minivlm.evaluate import metrics_table
-    from minivlm.report import evaluate_splits
+    """Print a checkpoint's metrics on the test and held-out splits, then how its wrong captions are wrong."""
+    from minivlm.evaluate import error_kinds, metrics_table
+    from minivlm.report import caption_splits
 
     captioner, tokenizer, config = load_checkpoint(args.checkpoint)
-    results = evaluate_splits(captioner, tokenizer, image_size=config.captioner.image_size, n_images=args.images,
-                              strategy=args.strategy, num_beams=args.beams, normalize=config.normalize_images,
-                              max_new_tokens=config.max_length)  # fmt: skip
+    splits = caption_splits(captioner, tokenizer, image_size=config.captioner.image_size, n_images=args.images,
+                            strategy=args.strategy, num_beams=args.beams, normalize=config.normalize_images,
+                            max_new_tokens=config.max_length)  # fmt: skip
     print(f"{args.checkpoint}: {args.images} images per split, {args.strategy} decoding\n")
-    print(metrics_table(results))
+    print(metrics_table({split: c.scores() for split, c in splits.items()}))
+    print("\nEach caption by kind of error (the first that fits; `minivlm.evaluate.error_kinds`):\n")
+    print(metrics_table({split: error_kinds(c.predictions, c.references) for split, c in splits.items()}))
     return 0
 
 

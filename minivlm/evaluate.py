@@ -7,7 +7,10 @@ metrics captioning papers report (BLEU, Papineni et al., 2002; ROUGE-L, Lin, 200
 al., 2015) only measure overlap with reference text; `caption_metrics` computes them with
 `pycocoevalcap`, the reference implementation behind the COCO caption leaderboard, so our numbers
 mean what the papers' numbers mean. On the shapes world one swapped colour costs a caption its exact
-match but barely dents BLEU: the table from `metrics_table` shows both.
+match but barely dents BLEU: the table from `metrics_table` shows both. `error_kinds` sorts the wrong
+captions by *how* they are wrong; one kind matters for compositional generalisation: every colour and
+every shape of the scene named, but paired wrongly ("a red square and a blue circle" for a red circle
+and a blue square), a failure to *bind* attributes to objects.
 
 One image, several true captions. "a red circle to the left of a blue square." and "a blue square to
 the right of a red circle." describe the same picture. The world writes one of them, the canonical one
@@ -35,12 +38,14 @@ from pycocoevalcap.rouge.rouge import Rouge
 from minivlm.data import shapes as S
 
 __all__ = [
-    "ATTRIBUTES", "CAPTION_METRICS", "true_captions", "simple_tokenize", "attribute_scores", "caption_metrics",
-    "evaluate_captions", "metrics_table",
+    "ATTRIBUTES", "CAPTION_METRICS", "ERROR_KINDS", "true_captions", "simple_tokenize", "attribute_scores",
+    "caption_metrics", "evaluate_captions", "error_kinds", "metrics_table",
 ]  # fmt: skip
 
 ATTRIBUTES = ("exact match", "parsed", "count", "colour", "shape", "size", "relation")  # attribute_scores' keys
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")  # caption_metrics' keys
+ERROR_KINDS = ("exact match", "count or grammar wrong", "a colour or shape wrong", "colours and shapes paired wrongly",
+               "size, relation or order wrong")  # error_kinds' keys, in the order they are tried
 OBJECT_FIELDS = ("size", "colour", "shape")  # the order of ParsedScene.objects' tuples
 
 References = Sequence[str] | Sequence[Sequence[str]]  # one caption per image, or several
@@ -154,6 +159,37 @@ def caption_metrics(predictions: Sequence[str], references: References) -> dict[
 def evaluate_captions(predictions: Sequence[str], references: References) -> dict[str, float]:
     """Every number for one set of generations: `attribute_scores`, then `caption_metrics`."""
     return attribute_scores(predictions, references) | caption_metrics(predictions, references)
+
+
+def error_kinds(predictions: Sequence[str], references: References) -> dict[str, float]:
+    """The fraction of predictions of each of ERROR_KINDS: each caption counts once, in the first kind that fits.
+
+    - exact match: equal to one of its references (stripped);
+    - count or grammar wrong: does not parse, or names another number of objects;
+    - a colour or shape wrong: the colours it names, or the shapes, are not the scene's (in any order);
+    - colours and shapes paired wrongly: every colour and every shape right, but not on the same objects;
+    - size, relation or order wrong: every colour–shape pair right; a size, a relation or the order is not
+      (an order is wrong when the relations it states do not hold, or it is a true order told wrongly).
+    The kinds add up to 1. A scene's objects have distinct colours and distinct shapes, so "the scene's colours"
+    is a set; its references all name the same objects, and the first is used.
+    """
+    reference_lists = _reference_lists(predictions, references)
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    for prediction, refs in zip(predictions, reference_lists):
+        prediction = prediction.strip()
+        said, true = S.try_parse(prediction), S.parse_caption(refs[0].strip())
+        if prediction in [r.strip() for r in refs]:
+            kind = "exact match"
+        elif said is None or len(said.objects) != len(true.objects):
+            kind = "count or grammar wrong"
+        elif any({o[i] for o in said.objects} != {o[i] for o in true.objects} for i in (1, 2)):  # colours, shapes
+            kind = "a colour or shape wrong"
+        elif {o[1:] for o in said.objects} != {o[1:] for o in true.objects}:  # (colour, shape) pairs
+            kind = "colours and shapes paired wrongly"
+        else:
+            kind = "size, relation or order wrong"
+        counts[kind] += 1
+    return {kind: n / len(predictions) for kind, n in counts.items()}
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> str:

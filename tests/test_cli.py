@@ -140,6 +140,7 @@ def test_train_evaluate_caption_round_trip(tmp_path, cache, capsys):
     assert main(["evaluate", "--checkpoint", run, "--images", "4", "--strategy", "beam", "--beams", "2"]) == 0
     out = capsys.readouterr().out
     assert "| metric | test | heldout |" in out and "| CIDEr |" in out
+    assert "| colours and shapes paired wrongly |" in out  # the second table: kinds of error
 
     world = ShapesWorld("test", image_size=64, seed=5, length=2)  # twice the captioner's size: resized
     paths = [tmp_path / "scene.png", tmp_path / "scene with alpha.png"]

@@ -11,8 +11,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 from minivlm.data.shapes import ShapesWorld, parse_caption
 from minivlm.evaluate import (
-    ATTRIBUTES, CAPTION_METRICS, attribute_scores, caption_metrics, evaluate_captions, metrics_table,
-    simple_tokenize, true_captions,
+    ATTRIBUTES, CAPTION_METRICS, ERROR_KINDS, attribute_scores, caption_metrics, error_kinds, evaluate_captions,
+    metrics_table, simple_tokenize, true_captions,
 )  # fmt: skip
 
 TRUE = "a small red circle to the left of a large blue square."
@@ -81,6 +81,37 @@ def test_bad_inputs_raise(predictions, references):
     for score in (attribute_scores, caption_metrics, evaluate_captions):
         with pytest.raises(ValueError, match="prediction"):
             score(predictions, references)
+
+
+@pytest.mark.parametrize(
+    "prediction, kind",
+    [
+        (TRUE, "exact match"),
+        ("a large blue square to the right of a small red circle.", "exact match"),  # another true order
+        ("a small red circle.", "count or grammar wrong"),
+        ("a small red blob to the left of a large blue square.", "count or grammar wrong"),
+        ("a small green circle to the left of a large blue square.", "a colour or shape wrong"),
+        ("a small red circle to the left of a large blue triangle.", "a colour or shape wrong"),
+        ("a small red square to the left of a large blue circle.", "colours and shapes paired wrongly"),
+        ("a small blue circle to the left of a large red square.", "colours and shapes paired wrongly"),
+        ("a large red circle to the left of a large blue square.", "size, relation or order wrong"),
+        ("a small red circle above a large blue square.", "size, relation or order wrong"),
+        ("a large blue square to the left of a small red circle.", "size, relation or order wrong"),
+    ],
+)
+def test_error_kinds_sort_each_caption_into_the_first_kind_that_fits(prediction, kind):
+    references = [[TRUE, "a large blue square to the right of a small red circle."]]  # the scene's two true captions
+    assert error_kinds([prediction], references) == {k: float(k == kind) for k in ERROR_KINDS}
+
+
+def test_error_kinds_are_fractions_that_add_up_to_one():
+    predictions = [TRUE, "a small red square to the left of a large blue circle.", "", TRUE]
+    kinds = error_kinds(predictions, [TRUE] * 4)
+    assert list(kinds) == list(ERROR_KINDS) and sum(kinds.values()) == pytest.approx(1.0)
+    assert (kinds["exact match"], kinds["colours and shapes paired wrongly"], kinds["count or grammar wrong"]) == (
+        0.5, 0.25, 0.25)
+    with pytest.raises(ValueError, match="prediction"):
+        error_kinds([TRUE], [])
 
 
 def test_a_reference_outside_the_grammar_raises():
