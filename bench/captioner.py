@@ -25,7 +25,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table ablation --steps 400  # 12 shorter runs
     .venv/bin/python bench/captioner.py --table stem --threads 2      # 3 runs of the cpu preset (about 16 minutes)
     .venv/bin/python bench/captioner.py --table depth --threads 2     # 3 runs of the cpu preset (about 20 minutes)
-    .venv/bin/python bench/captioner.py --table colour --threads 2    # 2 runs of the cpu preset
+    .venv/bin/python bench/captioner.py --table colour --threads 2    # 2 runs of the cpu preset (about 32 minutes)
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 

@@ -177,9 +177,9 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
 # "tiny": a smoke run of seconds with the tiny course LM (its 300-token BPE spells a caption in up to 58
 # tokens). "cpu": the course's run, 6 to 15 minutes on 2 CPU cores (the README has the times). Its CNN sees
 # shape apart from colour (`CNNConfig.colour` in the cpu CNN preset): one CNN for both rarely named a held-out
-# colour–shape pair. Its prefix is
-# read by all 4 blocks of the course LM (prefix_depth): through its input alone, the small frozen LM rarely
-# said three objects right, even given the scenes' true attributes (`bench/diagnose.py --oracle-depth`).
+# colour–shape pair (`bench/captioner.py --table colour`). Its prefix is read by all 4 blocks of the course LM
+# (prefix_depth): through its input alone, the small frozen LM rarely said three objects right, even given the
+# scenes' true attributes (`bench/diagnose.py --oracle-depth`).
 # Every step sees 64 new images (179,200 = 2,800 steps of 64; rendering them takes seconds): with 20,000
 # images seen 9 times each, the deep prefix fit the training captions far better than new ones.
 # Its LM reads short, middling and long captions apart (length_groups), which skips most of a batch's padding.
