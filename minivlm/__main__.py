@@ -254,7 +254,7 @@ def load_checkpoint(directory: str):
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Print a checkpoint's metrics on the test and held-out splits, then how its wrong captions are wrong."""
-    from minivlm.evaluate import error_kinds, metrics_table
+    from minivlm.evaluate import metrics_table
     from minivlm.report import caption_splits
 
     captioner, tokenizer, config = load_checkpoint(args.checkpoint)
@@ -264,7 +264,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.checkpoint}: {args.images} images per split, {args.strategy} decoding\n")
     print(metrics_table({split: c.scores() for split, c in splits.items()}))
     print("\nEach caption by kind of error (the first that fits; `minivlm.evaluate.error_kinds`):\n")
-    print(metrics_table({split: error_kinds(c.predictions, c.references) for split, c in splits.items()}))
+    print(metrics_table({split: c.kinds() for split, c in splits.items()}))
     return 0
 
 
@@ -339,6 +339,8 @@ def run_demo(args: argparse.Namespace) -> int:
     }  # fmt: skip
     write_report(out, results, history, captions, info=info, config=config.to_dict())
     print("\n" + metrics_table(results) + "\n")
+    kinds = metrics_table({split: c.kinds() for split, c in captions.items()})
+    print(f"Each caption by kind of error:\n\n{kinds}\n")
     print(f"report: {out}/metrics.md, with samples.png, loss.png and metrics.json; checkpoint: {checkpoint}")
     print(f"wall time {total:.0f} s")
     return 0

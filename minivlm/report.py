@@ -16,7 +16,8 @@ default (TrainConfig.data_seed = 0) makes that plain to a reader too.
 
 A report folder (`write_report`):
 
-    metrics.md    how the run was set up, its timings, then the table: one column per split
+    metrics.md    how the run was set up, its timings, then the table: one column per split; then how the
+                  wrong captions are wrong (`minivlm.evaluate.error_kinds`)
     metrics.json  the same numbers (and the config) for scripts
     samples.png   images from each split, the generated caption (green: exact match, red: not) and the true one
     loss.png      the training loss per step (`save_loss_curve`)
@@ -40,7 +41,7 @@ from einops import rearrange
 from minivlm.data.captions import ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.decoding import STRATEGIES
-from minivlm.evaluate import evaluate_captions, metrics_table, true_captions
+from minivlm.evaluate import error_kinds, evaluate_captions, metrics_table, true_captions
 
 __all__ = ["EVAL_SEED", "EVAL_SPLITS", "SplitCaptions", "decoding_options", "caption_splits", "evaluate_splits",
            "caption_grid", "save_loss_curve", "write_report"]  # fmt: skip
@@ -65,6 +66,10 @@ class SplitCaptions:
     def scores(self) -> dict[str, float]:
         """Every metric of `evaluate_captions` for this split."""
         return evaluate_captions(self.predictions, self.references)
+
+    def kinds(self) -> dict[str, float]:
+        """`error_kinds` of this split: the share of its captions exactly right, and of each way of being wrong."""
+        return error_kinds(self.predictions, self.references)
 
 
 def decoding_options(strategy: str = "greedy", *, num_beams: int = 4, seed: int = 0,
@@ -203,9 +208,10 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, float]], hist
                  title: str = "minivlm: captioning the shapes world") -> dict[str, Path]:  # fmt: skip
     """Write metrics.md, metrics.json, samples.png and loss.png into out_dir; return their paths by name.
 
-    results: {split: scores}; history: train()'s; examples: {split: SplitCaptions}, whose first
-    GRID_PER_SPLIT images go into samples.png; info: lines for the header ("what": "value"), e.g. the
-    set-up and timings; config: the TrainConfig as a dict, kept in metrics.json.
+    results: {split: scores}; history: train()'s; examples: {split: SplitCaptions} of the scored images,
+    whose kinds of error go into metrics.md and metrics.json and whose first GRID_PER_SPLIT images into
+    samples.png; info: lines for the header ("what": "value"), e.g. the set-up and timings; config: the
+    TrainConfig as a dict, kept in metrics.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,9 +220,13 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, float]], hist
     notes = ("Metrics in %. `test`: new scenes of the training distribution. `heldout`: every scene holds one "
              "colour–shape pair never seen in training. Exact match counts a caption right when it equals any "
              "true caption of its image (`true_captions`).")  # fmt: skip
+    kinds = {split: c.kinds() for split, c in examples.items()}
+    kinds_notes = ("Each caption in the first kind that fits (`minivlm.evaluate.error_kinds`), in % of the split's "
+                   "captions. \"Paired wrongly\": every colour and every shape right, but not on the same objects.")
     paths["metrics.md"].write_text(f"# {title}\n\n{header}\n\n{metrics_table(results)}\n\n{notes}\n\n"
+                                   f"## How the wrong captions are wrong\n\n{metrics_table(kinds)}\n\n{kinds_notes}\n\n"
                                    f"![samples](samples.png)\n\n![training loss](loss.png)\n")  # fmt: skip
-    record = {"info": info, "results": _json_safe(results), "config": config}
+    record = {"info": info, "results": _json_safe(results), "error kinds": kinds, "config": config}
     paths["metrics.json"].write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     shown = {split: range(min(GRID_PER_SPLIT, len(c.predictions))) for split, c in examples.items()}
     caption_grid(np.concatenate([examples[s].images[list(idx)] for s, idx in shown.items()]),

@@ -111,6 +111,9 @@ def test_report_folder_holds_both_splits(tmp_path):
     assert "- **timings**: training 1 s" in text and "![samples](samples.png)" in text
     record = json.loads(paths["metrics.json"].read_text())  # strict JSON: NaN is written as null
     assert record["results"]["test"]["relation"] is None and record["config"] == {"steps": 3}
+    assert "## How the wrong captions are wrong" in text and "| colours and shapes paired wrongly | 0.0 | 0.0 |" in text
+    assert record["error kinds"] == {split: c.kinds() for split, c in captions.items()}
+    assert record["error kinds"]["heldout"]["exact match"] == 1.0  # the oracle is always right
     for name in ("samples.png", "loss.png"):
         with Image.open(paths[name]) as image:
             assert image.format == "PNG"
