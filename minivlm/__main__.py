@@ -255,7 +255,7 @@ def load_checkpoint(directory: str):
 def run_evaluate(args: argparse.Namespace) -> int:
     """Print a checkpoint's metrics on the test and held-out splits, then how its wrong captions are wrong."""
     from minivlm.evaluate import metrics_table
-    from minivlm.report import caption_splits
+    from minivlm.report import caption_splits, kinds_table
 
     captioner, tokenizer, config = load_checkpoint(args.checkpoint)
     splits = caption_splits(captioner, tokenizer, image_size=config.captioner.image_size, n_images=args.images,
@@ -263,8 +263,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             max_new_tokens=config.max_length)  # fmt: skip
     print(f"{args.checkpoint}: {args.images} images per split, {args.strategy} decoding\n")
     print(metrics_table({split: c.scores() for split, c in splits.items()}))
-    print("\nEach caption by kind of error (the first that fits; `minivlm.evaluate.error_kinds`):\n")
-    print(metrics_table({split: c.kinds() for split, c in splits.items()}))
+    print("\nHow the wrong captions are wrong:\n\n" + kinds_table({split: c.kinds() for split, c in splits.items()}))
     return 0
 
 
@@ -294,7 +293,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from minivlm.evaluate import metrics_table
     from minivlm.lm import load_frozen_lm
-    from minivlm.report import EVAL_SEED, caption_splits, write_report
+    from minivlm.report import EVAL_SEED, caption_splits, kinds_table, write_report
     from minivlm.train import keep_in_cache, train
 
     start = time.perf_counter()
@@ -339,8 +338,8 @@ def run_demo(args: argparse.Namespace) -> int:
     }  # fmt: skip
     write_report(out, results, history, captions, info=info, config=config.to_dict())
     print("\n" + metrics_table(results) + "\n")
-    kinds = metrics_table({split: c.kinds() for split, c in captions.items()})
-    print(f"Each caption by kind of error:\n\n{kinds}\n")
+    kinds = {split: c.kinds() for split, c in captions.items()}
+    print(f"How the wrong captions are wrong:\n\n{kinds_table(kinds)}\n")
     print(f"report: {out}/metrics.md, with samples.png, loss.png and metrics.json; checkpoint: {checkpoint}")
     print(f"wall time {total:.0f} s")
     return 0

@@ -44,7 +44,7 @@ from minivlm.decoding import STRATEGIES
 from minivlm.evaluate import error_kinds, evaluate_captions, metrics_table, true_captions
 
 __all__ = ["EVAL_SEED", "EVAL_SPLITS", "SplitCaptions", "decoding_options", "caption_splits", "evaluate_splits",
-           "caption_grid", "save_loss_curve", "write_report"]  # fmt: skip
+           "caption_grid", "save_loss_curve", "kinds_table", "write_report"]  # fmt: skip
 
 EVAL_SEED = 1  # the seed of the evaluation scenes; training draws its scenes with TrainConfig.data_seed (0)
 EVAL_SPLITS = ("test", "heldout")  # new scenes of the training distribution; scenes with a held-out pair
@@ -203,6 +203,13 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def kinds_table(kinds: dict[str, dict[str, float]]) -> str:
+    """{split: `SplitCaptions.kinds()`} as a markdown table and the line that reads it: for metrics.md and the CLI."""
+    return (f"{metrics_table(kinds)}\n\nEach caption in the first kind that fits (`minivlm.evaluate.error_kinds`), "
+            f"in % of the split's captions. \"Paired wrongly\": every colour and every shape right, not on the same "
+            f"objects.")
+
+
 def write_report(out_dir: str | Path, results: dict[str, dict[str, float]], history: dict,
                  examples: dict[str, SplitCaptions], *, info: dict[str, str], config: dict | None = None,
                  title: str = "minivlm: captioning the shapes world") -> dict[str, Path]:  # fmt: skip
@@ -221,10 +228,8 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, float]], hist
              "colour–shape pair never seen in training. Exact match counts a caption right when it equals any "
              "true caption of its image (`true_captions`).")  # fmt: skip
     kinds = {split: c.kinds() for split, c in examples.items()}
-    kinds_notes = ("Each caption in the first kind that fits (`minivlm.evaluate.error_kinds`), in % of the split's "
-                   "captions. \"Paired wrongly\": every colour and every shape right, but not on the same objects.")
     paths["metrics.md"].write_text(f"# {title}\n\n{header}\n\n{metrics_table(results)}\n\n{notes}\n\n"
-                                   f"## How the wrong captions are wrong\n\n{metrics_table(kinds)}\n\n{kinds_notes}\n\n"
+                                   f"## How the wrong captions are wrong\n\n{kinds_table(kinds)}\n\n"
                                    f"![samples](samples.png)\n\n![training loss](loss.png)\n")  # fmt: skip
     record = {"info": info, "results": _json_safe(results), "error kinds": kinds, "config": config}
     paths["metrics.json"].write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")

@@ -97,7 +97,7 @@ def test_demo_writes_the_report(tmp_path, cache, capsys, monkeypatch):
     assert "| metric | test | heldout |" in printed and f"report: {out}/metrics.md" in printed
     assert "wall time" in printed
     assert "| exact match |" in (out / "metrics.md").read_text()
-    assert "| colours and shapes paired wrongly |" in (out / "metrics.md").read_text() and "kind of error" in printed
+    assert "| colours and shapes paired wrongly |" in (out / "metrics.md").read_text() and "How the wrong captions are wrong" in printed
     for name in ("samples.png", "loss.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG"
