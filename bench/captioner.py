@@ -1,6 +1,7 @@
-"""The captioner, measured: the controls, the ablation over prefix length and mapper, the stem, the depth, the colour.
+"""The captioner, measured: the controls, the ablation over prefix length and mapper, the stem, the depth, the colour,
+the mapper of the preset.
 
-Five tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+Six tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
 (pretrained once, or read from the cache) and scored on new test and held-out images:
 
 - `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
@@ -16,6 +17,9 @@ Five tables, each row a captioner trained from scratch (`minivlm.train.train`) a
 - `--table colour`: one CNN that sees colour and shape together, beside a colour-blind CNN with a colour
   path of its own (`CNNConfig.colour`, the preset): what telling shape apart from colour does for the
   held-out colour–shape pairs.
+- `--table mapper`: the preset with one prefix for the whole image, written by ClipCap's MLP or Frozen's
+  linear map (P = 4), beside a prefix vector per cell of the CNN's grid (`GridMapper`, LLaVA's, P = 16,
+  the preset): what writing each place's colour and shape into one vector does for binding them.
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -26,6 +30,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table stem --threads 2      # 3 runs of the cpu preset (about 16 minutes)
     .venv/bin/python bench/captioner.py --table depth --threads 2     # 3 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --table colour --threads 2    # 2 runs of the cpu preset (about 32 minutes)
+    .venv/bin/python bench/captioner.py --table mapper --threads 2    # 3 runs of the cpu preset (about 48 minutes)
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -42,7 +47,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation", "stem", "depth", "colour")
+TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -53,6 +58,11 @@ MAPPERS = ("linear", "mlp", "transformer")
 STEMS = (0, 16, 32)  # channels of the CNN's full-resolution stem (0: none); the cpu preset has 16
 DEPTHS = (1, 2, "every")  # blocks of the LM that read the prefix; "every": all n_layer of them
 COLOUR_PATHS = (0, 16)  # channels of the CNN's colour path (0: none, one CNN sees colour and shape); the preset's 16
+PRESET_MAPPERS = {  # row label: the mapper and P (the preset's is the last)
+    "one prefix, MLP (ClipCap), P=4": {"mapper": "mlp", "prefix_length": 4},
+    "one prefix, linear (Frozen), P=4": {"mapper": "linear", "prefix_length": 4},
+    "a vector per cell, grid (LLaVA), P=16": {"mapper": "grid", "prefix_length": 16},
+}
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -68,6 +78,8 @@ def rows(table: str) -> list[tuple[str, dict]]:
     if table == "colour":
         labels = {0: "one CNN: colour and shape", 16: "colour-blind CNN + colour path"}
         return [(labels[c], {"colour": c}) for c in COLOUR_PATHS]
+    if table == "mapper":
+        return list(PRESET_MAPPERS.items())
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 

@@ -58,7 +58,8 @@ class CaptionerConfig:
     cnn_preset: str = "cpu"  # the CNN_PRESETS entry, when encoder is "cnn"
     encoder_weights: str | None = None  # a ResNet-18 state dict file, when encoder is "resnet18" (None: random init)
     image_size: int = 32  # S: images are (B, 3, S, S)
-    mapper: str = "mlp"  # "linear" (Frozen), "mlp" (ClipCap) or "transformer" (ClipCap, for a frozen LM)
+    mapper: str = "mlp"  # "linear" (Frozen), "mlp" (ClipCap), "transformer" (ClipCap, for a frozen LM) or "grid"
+    # (LLaVA: a vector per cell of the encoder's grid; P must be the cells)
     prefix_length: int = 4  # P: visual tokens ahead of the caption
     normalize_prefix: bool = True  # scale each prefix vector to the LM's embedding length (False: the ablation)
     train_lm: bool = False  # the control experiment: fine-tune the LM too, instead of freezing it
@@ -77,6 +78,10 @@ class CaptionerConfig:
             raise ValueError(f"prefix_length must be at least 1, got {self.prefix_length}")
         if not isinstance(self.prefix_depth, int) or self.prefix_depth < 1:
             raise ValueError(f"prefix_depth must be an int of at least 1 (the LM's input), got {self.prefix_depth!r}")
+        cells = CNN_PRESETS[self.cnn_preset].grid ** 2 if self.encoder == "cnn" else 1
+        if self.mapper == "grid" and self.prefix_length != cells:
+            raise ValueError(f"the grid mapper writes one prefix vector per cell of the encoder: prefix_length must "
+                             f"be its {cells} cells, got {self.prefix_length}")  # fmt: skip
 
 
 # "tiny": for tests, with any tiny LM. "cpu": the course's captioner for the course LM on a laptop.
@@ -145,7 +150,8 @@ class Captioner(nn.Module):
         if config.normalize_prefix:  # one length for an input prefix; per set, the length its block reads
             scale = embedding_scale(lm) if k == 1 else [x for x in block_input_scales(lm, k) for _ in range(p)]
         d = lm.get_input_embeddings().embedding_dim
-        mapper = build_mapper(config.mapper, encoder.out_dim, d, k * p, scale)
+        options = {"cells": getattr(encoder, "cells", 1)} if config.mapper == "grid" else {}
+        mapper = build_mapper(config.mapper, encoder.out_dim, d, k * p, scale, **options)
         return cls(encoder, mapper, lm, train_lm=config.train_lm, prefix_depth=k)
 
     def train(self, mode: bool = True) -> Captioner:

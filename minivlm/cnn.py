@@ -181,6 +181,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.config = config
         self.out_dim = config.out_dim  # F
+        self.cells = config.grid**2  # N: F is N cells of out_dim / N features (`minivlm.prefix.GridMapper`)
         g = config.groups
         c_in = 3  # without `stem`, the first stage's stride-2 convolution is the stem
         layers: list[nn.Module] = []
@@ -225,6 +226,7 @@ class ResNetTrunk(nn.Module):
         self.net = resnet18(weights=None)  # random init; never touches the network
         self.image_size = image_size  # if set, the only image size accepted; ResNet itself takes any >= 32
         self.out_dim = self.net.fc.in_features  # F = 512
+        self.cells = 1  # the global pool: one cell
         if path is not None:
             self.load_weights(path)
         self.net.fc.requires_grad_(False)  # unused: the features are read before it

@@ -2,7 +2,8 @@
 
 What it teaches: the bridge between vision and language. A frozen GPT-2 only understands vectors that
 look like its token embeddings, so a visual prefix must be written *in the LM's embedding space*: P
-vectors of width D, placed before the caption's own token embeddings. Three mappers, in order of power:
+vectors of width D, placed before the caption's own token embeddings. Three mappers of the whole image,
+in order of power, and one of its places:
 
 - `LinearMapper`: one linear layer to P * D numbers, cut into P vectors. Frozen (Tsimpoukelli et al.,
   2021, "Multimodal Few-Shot Learning with Frozen Language Models") and LiMBeR (Merullo et al., 2023,
@@ -12,6 +13,10 @@ vectors of width D, placed before the caption's own token embeddings. Three mapp
 - `TransformerMapper`: ClipCap's mapper for a *frozen* LM. The features become a few tokens; P learned
   constant vectors are appended; a small transformer lets the constants read the features (and each
   other); its outputs at the P constant positions are the prefix.
+- `GridMapper`: LLaVA's way (Liu et al., 2023, "Visual Instruction Tuning"): one vector per grid cell of
+  the encoder, each written by the same linear layer from that cell's features alone, plus a learned
+  vector for its place. The course's `cpu` preset uses it: a cell's colour and shape reach the LM in one
+  vector, and a linear map writes a colour–shape pair it never saw as the sum of parts it did.
 
 **Scale matters.** Every mapper ends with the same normalisation: each prefix vector is set to the length
 of a typical token embedding. A freshly initialised mapper writes vectors far shorter or longer than the
@@ -62,9 +67,9 @@ from torch import Tensor, nn
 from minivlm.data.captions import IGNORE_INDEX
 
 __all__ = [
-    "embedding_scale", "PrefixMapper", "LinearMapper", "MLPMapper", "TransformerMapper", "MAPPERS", "build_mapper",
-    "WORD_TEMPERATURE", "word_targets", "word_alignment_loss", "blocks_of", "block_input_scales", "WideEmbedding",
-    "DeepPrefixLM",
+    "embedding_scale", "PrefixMapper", "LinearMapper", "MLPMapper", "TransformerMapper", "GridMapper", "MAPPERS",
+    "build_mapper", "WORD_TEMPERATURE", "word_targets", "word_alignment_loss", "blocks_of", "block_input_scales",
+    "WideEmbedding", "DeepPrefixLM",
 ]  # fmt: skip
 
 WORD_TEMPERATURE = 0.1  # cosine similarities / this are the logits of the word-alignment loss
@@ -172,12 +177,45 @@ class TransformerMapper(PrefixMapper):
         return out[:, self.feature_tokens :]  # (B, P, D)
 
 
-MAPPERS: dict[str, type[PrefixMapper]] = {"linear": LinearMapper, "mlp": MLPMapper, "transformer": TransformerMapper}
+class GridMapper(PrefixMapper):
+    """LLaVA's mapper: one linear map applied to each grid cell's features gives that cell's prefix vector.
+
+    The features are read as N cells of C = F / N numbers each, in the encoder's order (`SmallCNN`: cell
+    row, cell column, channel), and every cell goes through the *same* linear layer C -> S * D, plus a
+    learned vector for its place: S = P / N sets of N vectors (S = K for a prefix read by K blocks, set-major
+    as `DeepPrefixLM` reads it). So one prefix vector holds one place's colour and shape together, and it
+    is the same sum of a colour's part and a shape's part at every place: a pair of them never seen together
+    is written the way its parts are.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, prefix_length: int,
+                 target_scale: float | Sequence[float] | None, *, cells: int):  # fmt: skip
+        super().__init__(in_dim, embed_dim, prefix_length, target_scale)
+        if not isinstance(cells, int) or cells < 1 or in_dim % cells:
+            raise ValueError(f"the grid mapper reads F = {in_dim} features as cells; they do not divide into "
+                             f"{cells!r} cells")  # fmt: skip
+        if prefix_length % cells:
+            raise ValueError(f"the grid mapper writes one vector per cell and set: prefix_length={prefix_length} "
+                             f"is not a multiple of the {cells} cells")  # fmt: skip
+        self.cells = cells  # N
+        self.sets = prefix_length // cells  # S
+        self.linear = nn.Linear(in_dim // cells, self.sets * embed_dim)  # C -> S * D, shared by every cell
+        self.position = nn.Parameter(torch.randn(self.sets, cells, embed_dim) * 0.02)  # (S, N, D): each place's own
+
+    def project(self, features: Tensor) -> Tensor:
+        """(B, F) = (B, N * C) -> (B, S * N, D): set 0's N vectors, then set 1's, ..."""
+        x = self.linear(rearrange(features, "b (n c) -> b n c", n=self.cells))  # (B, N, S * D)
+        x = rearrange(x, "b n (s d) -> b s n d", s=self.sets) + self.position  # (B, S, N, D)
+        return rearrange(x, "b s n d -> b (s n) d")
+
+
+MAPPERS: dict[str, type[PrefixMapper]] = {"linear": LinearMapper, "mlp": MLPMapper, "transformer": TransformerMapper,
+                                          "grid": GridMapper}  # fmt: skip
 
 
 def build_mapper(kind: str, in_dim: int, embed_dim: int, prefix_length: int,
                  target_scale: float | Sequence[float] | None, **options) -> PrefixMapper:  # fmt: skip
-    """A mapper by name ("linear", "mlp", "transformer"); options go to its constructor (hidden, layers, ...)."""
+    """A mapper by name ("linear", "mlp", "transformer", "grid"); options go to its constructor (hidden, cells, ...)."""
     if kind not in MAPPERS:
         raise ValueError(f"unknown mapper kind {kind!r}; choose one of {sorted(MAPPERS)}")
     return MAPPERS[kind](in_dim, embed_dim, prefix_length, target_scale, **options)

@@ -177,7 +177,10 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
 # "tiny": a smoke run of seconds with the tiny course LM (its 300-token BPE spells a caption in up to 58
 # tokens). "cpu": the course's run, 6 to 15 minutes on 2 CPU cores (the README has the times). Its CNN sees
 # shape apart from colour (`CNNConfig.colour` in the cpu CNN preset): one CNN for both rarely named a held-out
-# colour–shape pair (`bench/captioner.py --table colour`). Its prefix is read by all 4 blocks of the course LM
+# colour–shape pair (`bench/captioner.py --table colour`). Its mapper writes a prefix vector per cell of the
+# CNN's 4 x 4 grid, by one linear map (`minivlm.prefix.GridMapper`, P = 16): with one vector for the whole
+# image, an MLP, it paired the scene's colours and shapes into pairs seen in training (`bench/captioner.py
+# --table mapper`). Its prefix is read by all 4 blocks of the course LM
 # (prefix_depth): through its input alone, the small frozen LM rarely said three objects right, even given the
 # scenes' true attributes (`bench/diagnose.py --oracle-depth`).
 # Every step sees 64 new images (179,200 = 2,800 steps of 64; rendering them takes seconds): with 20,000
@@ -186,7 +189,8 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
 # "cpu-words": "cpu" with its prefix also written in words (`minivlm.prefix.word_alignment_loss`), for
 # few-shot prompting. "gpu-224": "gpu" at ImageNet's 224 pixels; its 20,000 images take 3 GB as uint8,
 # rendered once by each process.
-_CPU = TrainConfig(captioner=replace(CAPTIONER_PRESETS["cpu"], prefix_depth=4), train_images=179_200, length_groups=3)
+_CPU = TrainConfig(captioner=replace(CAPTIONER_PRESETS["cpu"], mapper="grid", prefix_length=16, prefix_depth=4),
+                   train_images=179_200, length_groups=3)  # fmt: skip
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(lm="course:tiny", captioner=CAPTIONER_PRESETS["tiny"], train_images=512, max_length=64,
                         batch_size=16, steps=40, lr=3e-3, warmup=4, sample_every=20, checkpoint_every=20,

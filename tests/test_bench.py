@@ -106,6 +106,22 @@ def test_captioner_colour_table_trains_the_preset_with_and_without_a_colour_path
     assert set(with_colour["metrics"]) == {"test", "heldout"}
 
 
+def test_captioner_mapper_table_trains_the_preset_with_one_prefix_and_with_a_vector_per_cell():
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [c for _, c in bench.rows("mapper")] == [{"mapper": "mlp", "prefix_length": 4},
+                                                    {"mapper": "linear", "prefix_length": 4},
+                                                    {"mapper": "grid", "prefix_length": 16}]  # fmt: skip
+    from minivlm.train import TRAIN_PRESETS
+
+    preset = TRAIN_PRESETS["cpu"].captioner
+    assert (preset.mapper, preset.prefix_length) == ("grid", 16)  # the table's last row is the preset
+    one, per_cell = (bench.run_one("tiny", 2, 4, c) for _, c in bench.rows("mapper")[1:])
+    assert per_cell["trained_parameters"] < one["trained_parameters"]  # one C x D map shared by the 16 cells
+    assert set(per_cell["metrics"]) == {"test", "heldout"}
+
+
 def test_captioner_depth_table_gives_every_block_its_own_prefix():
     spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
     bench = importlib.util.module_from_spec(spec)

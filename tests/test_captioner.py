@@ -388,3 +388,25 @@ def test_a_deep_prefix_refuses_what_cannot_work(lms):
         Captioner.from_config(deep.lm, DEEP)  # a DeepPrefixLM inside a DeepPrefixLM
     with pytest.raises(ValueError, match="target_scale has 3 lengths for 4 prefix vectors"):
         LinearMapper(8, 32, 4, [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grid_prefix_is_a_vector_per_cell_read_by_every_block_and_trains_only_the_vision_side(lms, backend):
+    """The cpu preset's mapper on the tiny CNN: 16 cells, so P = 16 per set; both sets learn, the LM stays frozen."""
+    config = replace(TINY, mapper="grid", prefix_length=16, prefix_depth=2)
+    model = captioner(lms[backend], config).train()
+    assert (model.mapper.cells, model.mapper.sets, model.prefix_length) == (16, 2, 16)
+    before = {name: t.clone() for name, t in model.lm.state_dict().items()}
+    data = batch(b=5, t=6)
+    out = model(**data)
+    assert out.prefix.shape == (5, 16, 2 * 32)  # P vectors, each the input's and block 1's, side by side
+    out.loss.backward()
+    per_set = model.mapper.linear.weight.grad.unflatten(0, (2, -1)).abs().sum(dim=(1, 2))  # (K,)
+    assert (per_set > 0).all()
+    torch.optim.AdamW(model.trainable_parameters(), lr=1e-2).step()
+    for name, t in model.lm.state_dict().items():
+        assert torch.equal(t, before[name]), f"the frozen LM's {name} changed"
+    with pytest.raises(ValueError, match="one prefix vector per cell of the encoder: prefix_length must be its 16 "
+                                         "cells, got 4"):  # fmt: skip
+        CaptionerConfig(cnn_preset="tiny", mapper="grid", prefix_length=4)
+    assert CaptionerConfig(encoder="resnet18", mapper="grid", prefix_length=1).prefix_length == 1  # its global pool

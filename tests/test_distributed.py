@@ -289,12 +289,17 @@ def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
     preset of 2026-11-25 (a 16-channel stem, 2,800 steps, 3 length groups): each renamed entries on purpose.
     So did the cpu preset's prefix read by every block and its 179,200 training images, later that day; the
     preset before them, whose `prefix_depth` is CaptionerConfig's default, keeps the name it had. And so did
-    its CNN's colour path (`CNNConfig.colour`, 2026-12-06); the CNN presets without one keep their names.
+    its CNN's colour path (`CNNConfig.colour`, 2026-12-06); the CNN presets without one keep their names. And
+    its grid mapper (2026-12-07, `GridMapper`, P = 16), in place of the MLP's 4 vectors.
     """
     from minivlm import cnn
 
     assert T.CAPTIONER_CACHE_VERSION == 2
-    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-5fcbd8932bd2"
+    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-5f86c07f9cce"
+    grid = T.TRAIN_PRESETS["cpu"]
+    monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(grid, captioner=replace(grid.captioner, mapper="mlp",
+                                                                                 prefix_length=4)))  # fmt: skip
+    assert T._cache_name("cpu") == "cpu-5fcbd8932bd2"  # the preset of 2026-12-06, before the grid mapper
     monkeypatch.setitem(cnn.CNN_PRESETS, "cpu", replace(cnn.CNN_PRESETS["cpu"], colour=0))
     assert T._cache_name("cpu") == "cpu-efa93c940f87"  # CNNConfig's new field, at its default: the old name
     before = replace(T.TRAIN_PRESETS["cpu"], captioner=CAPTIONER_PRESETS["cpu"], train_images=20_000)

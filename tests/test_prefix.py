@@ -9,10 +9,12 @@ from torch.testing import assert_close
 
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.prefix import (
-    MAPPERS, WORD_TEMPERATURE, TransformerMapper, build_mapper, embedding_scale, word_alignment_loss, word_targets,
+    MAPPERS, WORD_TEMPERATURE, GridMapper, TransformerMapper, build_mapper, embedding_scale, word_alignment_loss,
+    word_targets,
 )  # fmt: skip
 
 F_, D, P = 24, 32, 3  # features, LM width, prefix length
+OPTIONS = {"grid": {"cells": 3}}  # what a kind needs beyond the sizes: the grid mapper, the cells F holds
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def test_embedding_scale_is_the_rms_length_of_the_token_embeddings(lm):
 @pytest.mark.parametrize("kind", sorted(MAPPERS))
 def test_every_prefix_vector_has_the_embeddings_length(lm, kind):
     scale = embedding_scale(lm)
-    mapper = build_mapper(kind, F_, D, P, scale)
+    mapper = build_mapper(kind, F_, D, P, scale, **OPTIONS.get(kind, {}))
     prefix = mapper(10 * torch.randn(5, F_))  # features far from unit scale: the output must not care
     assert prefix.shape == (5, P, D)
     assert_close(torch.linalg.vector_norm(prefix, dim=-1), torch.full((5, P), scale), atol=1e-4, rtol=0)
@@ -40,7 +42,7 @@ def test_every_prefix_vector_has_the_embeddings_length(lm, kind):
 
 @pytest.mark.parametrize("kind", sorted(MAPPERS))
 def test_every_weight_learns_and_images_differ(kind):
-    mapper = build_mapper(kind, F_, D, P, 1.0)
+    mapper = build_mapper(kind, F_, D, P, 1.0, **OPTIONS.get(kind, {}))
     features = torch.randn(4, F_)
     prefix = mapper(features)
     assert (prefix[0] - prefix[1]).abs().max() > 1e-3  # different features, different prefixes
@@ -67,6 +69,31 @@ def test_transformer_mapper_reads_the_constants_outputs():
     assert_close(mapper(features), expected)
 
 
+def test_grid_mapper_writes_each_cell_by_one_shared_linear_map_plus_its_place():
+    torch.manual_seed(0)
+    cells, c, sets = 4, 6, 2  # F = 4 cells of 6 features; a prefix read by 2 blocks: 2 sets of 4 vectors
+    mapper = GridMapper(cells * c, D, sets * cells, None, cells=cells)
+    features = torch.randn(3, cells * c)
+    out = mapper(features)  # (B, S * N, D), set-major
+    assert out.shape == (3, sets * cells, D) and mapper.position.shape == (sets, cells, D)
+    w, b = mapper.linear.weight, mapper.linear.bias  # (S * D, C): the same for every cell
+    for s in range(sets):
+        for n in range(cells):
+            by_hand = features[:, n * c : (n + 1) * c] @ w[s * D : (s + 1) * D].T + b[s * D : (s + 1) * D]
+            assert_close(out[:, s * cells + n], by_hand + mapper.position[s, n])
+    changed = features.clone()
+    changed[:, 2 * c : 3 * c] += 1.0  # one cell's features change: only that cell's vectors move, in every set
+    moved = (mapper(changed) - out).abs().amax(dim=(0, 2)).reshape(sets, cells)
+    assert (moved[:, 2] > 1e-3).all() and (moved[:, [0, 1, 3]] == 0).all()
+
+
+def test_grid_mapper_errors():
+    with pytest.raises(ValueError, match="reads F = 24 features as cells; they do not divide into 5 cells"):
+        GridMapper(24, D, 5, 1.0, cells=5)
+    with pytest.raises(ValueError, match="prefix_length=5 is not a multiple of the 4 cells"):
+        GridMapper(24, D, 5, 1.0, cells=4)
+
+
 def test_mlp_hidden_width_defaults_to_half_the_output():
     mapper = build_mapper("mlp", F_, D, P, 1.0)
     assert mapper.mlp[0].out_features == P * D // 2
@@ -74,7 +101,7 @@ def test_mlp_hidden_width_defaults_to_half_the_output():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"unknown mapper kind 'conv'; choose one of \['linear', 'mlp', 'transfor"):
+    with pytest.raises(ValueError, match=r"unknown mapper kind 'conv'; choose one of \['grid', 'linear', 'mlp', 'tr"):
         build_mapper("conv", F_, D, P, 1.0)
     with pytest.raises(ValueError, match="prefix_length must be a positive int, got 0"):
         build_mapper("linear", F_, D, 0, 1.0)
