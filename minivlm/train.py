@@ -102,7 +102,7 @@ class TrainConfig:
     max_length: int = 48  # most tokens in a caption, EOT included; a longer caption is an error, never cut
     # the recipe
     batch_size: int = 64  # B: images per step
-    steps: int = 2_800  # optimiser steps; 179,200 images (the cpu preset), 6 to 15 min on 2 CPU cores (the budget is 5)
+    steps: int = 2_800  # optimiser steps; 179,200 images (the cpu preset), 7 to 17 min on 2 CPU cores (the budget is 5)
     lr: float = 1e-3  # peak learning rate, reached after the warm-up
     warmup: int = 100  # steps of linear warm-up from 0; then cosine decay to 10% of lr
     weight_decay: float = 0.01  # AdamW decay, on weight matrices only
@@ -175,7 +175,7 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
                    checkpoint_every=1_000, workers=4, prefetch=4)  # fmt: skip
 
 # "tiny": a smoke run of seconds with the tiny course LM (its 300-token BPE spells a caption in up to 58
-# tokens). "cpu": the course's run, 6 to 15 minutes on 2 CPU cores (the README has the times). Its CNN sees
+# tokens). "cpu": the course's run, 7 to 17 minutes on 2 CPU cores (the README has the times). Its CNN sees
 # shape apart from colour (`CNNConfig.colour` in the cpu CNN preset): one CNN for both rarely named a held-out
 # colour–shape pair (`bench/captioner.py --table colour`). Its mapper writes a prefix vector per cell of the
 # CNN's 4 x 4 grid, by one linear map (`minivlm.prefix.GridMapper`, P = 16): with one vector for the whole
