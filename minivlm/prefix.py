@@ -52,7 +52,8 @@ is deeper. `block_input_scales` gives each set
 the length of what its block reads (the residual stream grows from block to block).
 
 Axis letters: B batch, F features, P prefix tokens, D the LM's embedding width, K feature tokens (in
-`TransformerMapper`) or blocks that read the prefix (in `DeepPrefixLM`), T caption tokens, V vocabulary.
+`TransformerMapper`) or blocks that read the prefix (in `DeepPrefixLM`), N grid cells, C features per cell and
+S sets of N vectors (in `GridMapper`), T caption tokens, V vocabulary.
 """
 
 from __future__ import annotations
