@@ -78,7 +78,7 @@ class CaptionerConfig:
             raise ValueError(f"prefix_length must be at least 1, got {self.prefix_length}")
         if not isinstance(self.prefix_depth, int) or self.prefix_depth < 1:
             raise ValueError(f"prefix_depth must be an int of at least 1 (the LM's input), got {self.prefix_depth!r}")
-        cells = CNN_PRESETS[self.cnn_preset].grid ** 2 if self.encoder == "cnn" else 1
+        cells = CNN_PRESETS[self.cnn_preset].cells if self.encoder == "cnn" else 1
         if self.mapper == "grid" and self.prefix_length != cells:
             raise ValueError(f"the grid mapper writes one prefix vector per cell of the encoder: prefix_length must "
                              f"be its {cells} cells, got {self.prefix_length}")  # fmt: skip

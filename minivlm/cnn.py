@@ -106,6 +106,11 @@ class CNNConfig:
         return self.image_size // 2 ** len(self.widths)
 
     @property
+    def cells(self) -> int:
+        """N, the grid's cells: F is N cells of out_dim / N features (`minivlm.prefix.GridMapper`)."""
+        return self.grid**2
+
+    @property
     def out_dim(self) -> int:
         """F, the length of each image's feature vector."""
         return (self.widths[-1] + self.colour) * self.grid**2
@@ -181,7 +186,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.config = config
         self.out_dim = config.out_dim  # F
-        self.cells = config.grid**2  # N: F is N cells of out_dim / N features (`minivlm.prefix.GridMapper`)
+        self.cells = config.cells  # N
         g = config.groups
         c_in = 3  # without `stem`, the first stage's stride-2 convolution is the stem
         layers: list[nn.Module] = []
