@@ -8,9 +8,11 @@ setting, each pair of columns one way of showing the episode's scenes, scored tw
 - open: greedy decoding; right if it says exactly the answer, then stops ("dax." or "dax" + end);
 - rank: the answer is the most likely of the task's candidates (the episode's names; the colours or shapes).
 
-Columns: "images" (the visual prefixes: what is measured), "blind" (the images removed: what the
-text alone allows), "text" (each image replaced by its true caption: the LM binding words, the
-ceiling of a perfect visual prefix), and chance (1 / number of candidates). Frozen's own numbers on
+Columns: "images" (each image as its visual prefix: Frozen's way), "words" (each image as the captioner's
+word view, `Captioner.words`: vectors trained to be its caption's token embeddings; "-" for a captioner
+without one), "blind" (the images removed: what the text alone allows), "text" (each image replaced by its
+true caption: the LM binding words, the ceiling of a perfect visual prefix), and chance (1 / number of
+candidates). Frozen's own numbers on
 2-way Open-Ended miniImageNet were 53.4 / 57.9 / 58.9% with 1 / 3 / 5 shots and task induction
 (chance 50%), and on VQAv2 29.5 / 35.7 / 38.2% with 0 / 1 / 4 shots (Tsimpoukelli et al., 2021).
 
@@ -33,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-MODES = ("images", "blind", "text")
+COLUMNS = ("images", "words", "blind", "text")  # "words": the episodes' "images" mode, shown through the word view
 
 
 def binding_rows() -> list[dict]:
@@ -74,18 +76,23 @@ def measure(captioner, tokenizer, episodes, image_size: int, normalize: bool) ->
     from minivlm.data.episodes import to_prompts
 
     out = {"chance": 1 / len(episodes[0].candidates)}
-    for mode in MODES:
+    for column in COLUMNS:
+        mode, view = ("images", "words") if column == "words" else (column, "prefix")
+        if column == "words" and not captioner.word_view:
+            out[column] = "none"  # printed as "-"
+            continue
         prompts = to_prompts(episodes, mode, image_size=image_size, normalize=normalize)
+        candidates = [[f" {c}." for c in e.candidates] for e in episodes]
         try:
-            said = fewshot.complete(captioner, tokenizer, prompts, max_new_tokens=6)
-            scores = fewshot.score(captioner, tokenizer, prompts, [[f" {c}." for c in e.candidates] for e in episodes])
+            said = fewshot.complete(captioner, tokenizer, prompts, max_new_tokens=6, view=view)
+            scores = fewshot.score(captioner, tokenizer, prompts, candidates, view=view)
         except ValueError as error:
             if "context" not in str(error):
                 raise
-            out[mode] = None
+            out[column] = None
             continue
         picked = scores.argmax(-1).tolist()
-        out[mode] = {
+        out[column] = {
             "open": float(np.mean([fewshot.says(s, e.answer) for s, e in zip(said, episodes)])),
             "rank": float(np.mean([e.candidates[j] == e.answer for j, e in zip(picked, episodes)])),
             "example": said[0],
@@ -93,15 +100,18 @@ def measure(captioner, tokenizer, episodes, image_size: int, normalize: bool) ->
     return out
 
 
-def cell(result: dict | None, how: str) -> str:
+def cell(result: dict | str | None, how: str) -> str:
+    if result == "none":  # the captioner has no word view
+        return "-"
     return "too long" if result is None else f"{100 * result[how]:5.1f}"
 
 
 def table(title: str, labels: list[str], results: list[dict]) -> str:
-    header = f"{title:<48}" + "".join(f"{m + ' ' + h:>13}" for m in MODES for h in ("open", "rank")) + f"{'chance':>9}"
+    columns = "".join(f"{m + ' ' + h:>13}" for m in COLUMNS for h in ("open", "rank"))
+    header = f"{title:<48}" + columns + f"{'chance':>9}"
     lines = [header, "-" * len(header)]
     for label, r in zip(labels, results):
-        lines.append(f"{label:<48}" + "".join(f"{cell(r[m], h):>13}" for m in MODES for h in ("open", "rank"))
+        lines.append(f"{label:<48}" + "".join(f"{cell(r[m], h):>13}" for m in COLUMNS for h in ("open", "rank"))
                      + f"{100 * r['chance']:9.1f}")  # fmt: skip
     return "\n".join(lines)
 
@@ -126,7 +136,8 @@ def main() -> None:
     captioner, tokenizer, info = course_captioner(args.preset)
     config = info["config"]
     size, normalize = config.captioner.image_size, config.normalize_images
-    print(f"captioner '{args.preset}': P = {captioner.prefix_length} vectors per image, LM context "
+    print(f"captioner '{args.preset}': P = {captioner.prefix_length} prefix vectors per image, a word view of "
+          f"{captioner.word_view or 'none'}, LM context "
           f"{captioner.context}; {args.episodes} episodes per cell; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")  # fmt: skip
     start = time.perf_counter()
@@ -155,7 +166,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "episodes": args.episodes, "seed": args.seed, "seconds": seconds,
-                       "prefix_length": captioner.prefix_length, "context": captioner.context,
+                       "prefix_length": captioner.prefix_length, "word_view": captioner.word_view,
+                       "context": captioner.context,
                        "binding": binding, "vqa": vqa}, f, indent=1)  # fmt: skip
 
 

@@ -32,6 +32,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int of at least 0, or argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 0, got {text!r}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite float of at least 0, or argparse's one-line error."""
     try:
@@ -99,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-lm", action="store_true", help="the control that fine-tunes the LM too")
     train.add_argument("--word-alignment", type=non_negative_float, metavar="W", help="weight of the loss that "
                        "writes each prefix vector nearest a word of the caption (default: the preset's)")  # fmt: skip
+    train.add_argument("--word-view", type=non_negative_int, metavar="W", help="vectors of the word view, a head "
+                       "that writes each image as the token embeddings of its caption's last W tokens, for few-shot "
+                       "prompts; 0: none (default: the preset's)")  # fmt: skip
     train.add_argument("--lm", metavar="SPEC", help="the LM: 'course[:preset]', a hub name such as 'gpt2', or a "
                        "save_pretrained directory (default: the preset's)")  # fmt: skip
     train.add_argument("--out", default="runs/captioner", metavar="DIR",
@@ -221,7 +235,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, compile=args.compile,
                           word_alignment=args.word_alignment, mapper=args.mapper, prefix_length=args.prefix_length,
-                          prefix_depth=args.prefix_depth, train_lm=args.train_lm or None)  # fmt: skip
+                          prefix_depth=args.prefix_depth, word_view=args.word_view,
+                          train_lm=args.train_lm or None)  # fmt: skip
     out = Path(args.out)
     with distributed.process_group():  # under torchrun: train() finds the group up; rank 0 reports below
         try:

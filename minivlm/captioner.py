@@ -66,6 +66,9 @@ class CaptionerConfig:
     prefix_depth: int = 1  # K: blocks of the LM that read the prefix. 1: its input only (Frozen, ClipCap);
     # K > 1: blocks 1 .. K-1 read P vectors of their own at the prefix positions (prefix-tuning; see
     # `minivlm.prefix.DeepPrefixLM`). The LM stays frozen either way.
+    word_view: int = 0  # W > 0: a second head writes W vectors regressed onto the token embeddings of the caption's
+    # last W tokens, from the encoder's features it reads without changing them (`minivlm.prefix.word_view_loss`);
+    # few-shot prompts can show images this way (`minivlm.fewshot`, view="words"). 0: no such head.
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -78,6 +81,8 @@ class CaptionerConfig:
             raise ValueError(f"prefix_length must be at least 1, got {self.prefix_length}")
         if not isinstance(self.prefix_depth, int) or self.prefix_depth < 1:
             raise ValueError(f"prefix_depth must be an int of at least 1 (the LM's input), got {self.prefix_depth!r}")
+        if not isinstance(self.word_view, int) or self.word_view < 0:
+            raise ValueError(f"word_view must be an int >= 0 (0: no word view), got {self.word_view!r}")
         cells = CNN_PRESETS[self.cnn_preset].cells if self.encoder == "cnn" else 1
         if self.mapper == "grid" and self.prefix_length != cells:
             raise ValueError(f"the grid mapper writes one prefix vector per cell of the encoder: prefix_length must "
@@ -98,14 +103,18 @@ class CaptionerOutput:
     logits: Tensor | None  # (B, P + T, V); None when forward grouped the captions by length
     loss: Tensor | None = None  # mean next-token cross-entropy over the caption's labelled tokens
     prefix: Tensor | None = None  # (B, P, D) the visual prefix the logits were computed from; (B, P, K * D) if K > 1
+    words: Tensor | None = None  # (B, W, D) the word view, from features detached from the encoder; None without one
 
 
 class Captioner(nn.Module):
     """An image encoder and a prefix mapper that learn to write a visual prefix for a frozen language model."""
 
     def __init__(self, encoder: nn.Module, mapper: PrefixMapper, lm: nn.Module, *, train_lm: bool = False,
-                 prefix_depth: int = 1):  # fmt: skip
-        """prefix_depth K > 1: the mapper writes K * P vectors, K sets of P (see `CaptionerConfig.prefix_depth`)."""
+                 prefix_depth: int = 1, word_mapper: PrefixMapper | None = None):  # fmt: skip
+        """prefix_depth K > 1: the mapper writes K * P vectors, K sets of P (see `CaptionerConfig.prefix_depth`).
+
+        word_mapper: the word view's head (`CaptionerConfig.word_view`), or None for none.
+        """
         super().__init__()
         d = lm.get_input_embeddings().embedding_dim
         if mapper.embed_dim != d:
@@ -114,11 +123,16 @@ class Captioner(nn.Module):
             )
         if mapper.in_dim != encoder.out_dim:
             raise ValueError(f"the encoder gives {encoder.out_dim} features, the mapper expects {mapper.in_dim}")
+        if word_mapper is not None and (word_mapper.in_dim, word_mapper.embed_dim) != (encoder.out_dim, d):
+            raise ValueError(f"the word view's head reads {word_mapper.in_dim} features into vectors of width "
+                             f"{word_mapper.embed_dim}; the encoder gives {encoder.out_dim} and the LM's embeddings have "
+                             f"width {d}")  # fmt: skip
         if mapper.prefix_length % prefix_depth:
             raise ValueError(f"a prefix read by {prefix_depth} blocks needs {prefix_depth} sets of P vectors; the "
                              f"mapper writes {mapper.prefix_length}, not a multiple of {prefix_depth}")  # fmt: skip
         self.encoder = encoder
         self.mapper = mapper
+        self.word_mapper = word_mapper  # registered as a submodule when given: its weights train and save with the rest
         lm = freeze(lm) if not train_lm else lm.requires_grad_(True).eval()
         self.lm = lm if prefix_depth == 1 else DeepPrefixLM(lm, prefix_depth)  # checks the depth against the LM
         self.train_lm = train_lm
@@ -152,7 +166,10 @@ class Captioner(nn.Module):
         d = lm.get_input_embeddings().embedding_dim
         options = {"cells": getattr(encoder, "cells", 1)} if config.mapper == "grid" else {}
         mapper = build_mapper(config.mapper, encoder.out_dim, d, k * p, scale, **options)
-        return cls(encoder, mapper, lm, train_lm=config.train_lm, prefix_depth=k)
+        # Made after the mapper, so the encoder and mapper start as they would without it. Not normalised: it must
+        # match each token embedding's own length too.
+        words = build_mapper("mlp", encoder.out_dim, d, config.word_view, None) if config.word_view else None
+        return cls(encoder, mapper, lm, train_lm=config.train_lm, prefix_depth=k, word_mapper=words)
 
     def train(self, mode: bool = True) -> Captioner:
         """Set training mode on the vision side; the LM stays in eval mode (no dropout) either way."""
@@ -166,10 +183,28 @@ class Captioner(nn.Module):
 
     def prefix(self, images: Tensor) -> Tensor:
         """images (B, 3, S, S) -> the visual prefix (B, P, D), in the LM's embedding space; (B, P, K * D) if K > 1."""
-        prefix = self.mapper(self.encoder(images))  # (B, K * P, D)
+        return self._prefix(self.encoder(images))
+
+    def _prefix(self, features: Tensor) -> Tensor:
+        prefix = self.mapper(features)  # (B, K * P, D)
         if self.prefix_depth == 1:
             return prefix
         return rearrange(prefix, "b (k p) d -> b p (k d)", k=self.prefix_depth)  # the slots DeepPrefixLM reads
+
+    @property
+    def word_view(self) -> int:
+        """W: the vectors of the word view (`CaptionerConfig.word_view`); 0 if this captioner has none."""
+        return 0 if self.word_mapper is None else self.word_mapper.prefix_length
+
+    def words(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> the word view (B, W, D): vectors meant to be the token embeddings of their caption's
+        last W tokens, read by the LM's input like text. With K > 1, (B, W, K * D): zeros in the deeper slots,
+        as a token has (`minivlm.prefix.WideEmbedding`). A ValueError if this captioner has no word view."""
+        if self.word_mapper is None:
+            raise ValueError("this captioner has no word view (CaptionerConfig.word_view = 0); show its images as "
+                             "the prefix, or train one with word_view > 0")  # fmt: skip
+        words = self.word_mapper(self.encoder(images))  # (B, W, D)
+        return words if self.prefix_depth == 1 else self.lm.get_input_embeddings().widen(words)
 
     def _check_length(self, t: int) -> None:
         if self.prefix_length + t > self.context:
@@ -184,6 +219,12 @@ class Captioner(nn.Module):
         With prefix_depth K > 1 every vector is K * D wide: the prefix fills all K slots, a token its first
         (`minivlm.prefix.WideEmbedding`).
         """
+        embeds, mask, _ = self._embed(images, input_ids, attention_mask)
+        return embeds, mask
+
+    def _embed(self, images: Tensor, input_ids: Tensor,
+               attention_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """embed's (inputs_embeds, attention_mask), and the encoder's features (B, F) they came from."""
         if input_ids.ndim != 2:
             raise ValueError(f"expected input_ids of shape (B, T), got {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -193,14 +234,15 @@ class Captioner(nn.Module):
                 f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape {tuple(input_ids.shape)}"
             )
         self._check_length(input_ids.shape[1])
-        prefix = self.prefix(images)  # (B, P, D); checks the images
+        features = self.encoder(images)  # (B, F); checks the images
+        prefix = self._prefix(features)  # (B, P, D)
         if prefix.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"got {prefix.shape[0]} images but {input_ids.shape[0]} rows of input_ids; they must pair up"
             )
         tokens = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
         ones = attention_mask.new_ones(prefix.shape[:2])  # (B, P): the prefix is always attended to
-        return torch.cat([prefix, tokens], dim=1), torch.cat([ones, attention_mask], dim=1)
+        return torch.cat([prefix, tokens], dim=1), torch.cat([ones, attention_mask], dim=1), features
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, *, length_groups: int = 0) -> CaptionerOutput:  # fmt: skip
@@ -221,12 +263,17 @@ class Captioner(nn.Module):
             if labels is None:
                 raise ValueError("length_groups computes the loss alone, so it needs labels")
             return self._grouped_loss(images, input_ids, attention_mask, labels, length_groups)
-        embeds, _ = self.embed(images, input_ids, attention_mask)  # checks the mask's shape
+        embeds, _, features = self._embed(images, input_ids, attention_mask)  # checks the mask's shape
         logits = self._logits(embeds)  # (B, P + T, V)
-        prefix = embeds[:, : self.prefix_length]  # (B, P, D)
+        prefix, words = embeds[:, : self.prefix_length], self._detached_words(features)  # (B, P, D), (B, W, D)
         if labels is None:
-            return CaptionerOutput(logits, prefix=prefix)
-        return CaptionerOutput(logits, next_token_loss(logits, self._shifted_labels(input_ids, labels)), prefix)
+            return CaptionerOutput(logits, prefix=prefix, words=words)
+        loss = next_token_loss(logits, self._shifted_labels(input_ids, labels))
+        return CaptionerOutput(logits, loss, prefix, words)
+
+    def _detached_words(self, features: Tensor) -> Tensor | None:
+        """The word view (B, W, D) of features (B, F) it cannot change (its loss trains its head alone), or None."""
+        return None if self.word_mapper is None else self.word_mapper(features.detach())
 
     def _logits(self, embeds: Tensor) -> Tensor:
         """The LM's logits (B, S, V) for embeddings (B, S, D) whose rows start at position 0."""
@@ -244,7 +291,7 @@ class Captioner(nn.Module):
     def _grouped_loss(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
                       groups: int) -> CaptionerOutput:  # fmt: skip
         """forward's loss with the LM run on `groups` groups of captions of similar length (see forward)."""
-        embeds, mask = self.embed(images, input_ids, attention_mask)  # (B, P + T, D), (B, P + T)
+        embeds, mask, features = self._embed(images, input_ids, attention_mask)  # (B, P + T, D), (B, P + T), (B, F)
         labels = self._shifted_labels(input_ids, labels)  # (B, P + T)
         lengths = mask.sum(dim=1)  # (B,) prefix and caption, EOT included
         total = embeds.new_zeros(())
@@ -253,7 +300,7 @@ class Captioner(nn.Module):
             logits = self._logits(embeds[rows, :s])  # (B_g, s, V)
             total = total + next_token_loss(logits, labels[rows, :s], reduction="sum")
         loss = total / (labels != IGNORE_INDEX).sum()  # the mean over every labelled token of the batch
-        return CaptionerOutput(None, loss, embeds[:, : self.prefix_length])
+        return CaptionerOutput(None, loss, embeds[:, : self.prefix_length], self._detached_words(features))
 
     def prompt_embeds(self, images: Tensor, prompt_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Where generation starts: (inputs_embeds (B, P + T, D), attention_mask), the prefix and an optional prompt.

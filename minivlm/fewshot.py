@@ -17,8 +17,17 @@ into one `inputs_embeds` row (text -> token embeddings, image -> `Captioner.pref
 the rows of a batch so that every prompt ends in the same column: the positions are then counted from
 each row's first real vector (`positions_from_mask`), exactly as in batched decoding. A prompt that
 opens with text starts with <|endoftext|>, as every pretraining text did; one that opens with an image
-starts with its prefix, as every captioning example did (`embed_prompts`). Two ways to read
-the LM's answer:
+starts with its prefix, as every captioning example did (`embed_prompts`).
+
+Two ways to show an image (`view`):
+
+- "prefix": its visual prefix, what the captioner learned to caption from (Frozen's way);
+- "words": its word view (`Captioner.words`, when `CaptionerConfig.word_view` > 0): W vectors trained to be
+  the token embeddings of its caption's last W tokens, read by the LM like text. The course LM's in-context
+  look-ups match words; a prefix trained for captioning alone matches none, and images shown that way did
+  not bind to names (`bench/fewshot.py` measures both).
+
+Two ways to read the LM's answer:
 
 - open-ended (`complete`): greedy decoding with the KV cache; right if it says exactly the answer and
   then stops (`says`): " dax." or " dax" then end-of-text, never " daxes" or " dax blicket".
@@ -43,9 +52,10 @@ from torch import Tensor
 from minivlm.captioner import Captioner
 from minivlm.decoding import reorder_cache, generate, positions_from_mask
 
-__all__ = ["Segment", "embed_prompts", "complete", "score", "says"]
+__all__ = ["Segment", "VIEWS", "embed_prompts", "complete", "score", "says"]
 
 Segment = str | Tensor  # text, or one image (3, S, S)
+VIEWS = ("prefix", "words")  # how an image is shown to the LM (see the module docstring)
 IMAGE_CHUNK = 256  # images encoded per call
 
 
@@ -67,7 +77,7 @@ def _check_segments(prompts: Sequence[Sequence[Segment]]) -> None:
 
 
 def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]], *,
-                  start_of_text: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+                  start_of_text: bool = True, view: str = "prefix") -> tuple[Tensor, Tensor]:  # fmt: skip
     """Interleaved prompts -> (inputs_embeds (B, L, D), attention_mask (B, L)), left-padded, ready for the LM.
 
     Every image of every prompt goes through the encoder and mapper together (in chunks), every text
@@ -75,16 +85,20 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
     (start_of_text=False: not), and one that opens with an image does not: each then begins as what
     its first segment was trained after. The LM read every text of its pretraining after
     <|endoftext|> (`minivlm.probes`); the captioner learned its prefix at position 0, where nothing
-    comes before. Raises a ValueError if a prompt is longer than the LM's context.
+    comes before. view: "prefix" (each image as its visual prefix) or "words" (as its word view). Raises a
+    ValueError if a prompt is longer than the LM's context, or the captioner has no word view to show.
     """
     _check_segments(prompts)
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose one of {VIEWS}")
+    show = captioner.prefix if view == "prefix" else captioner.words
     table = captioner.lm.get_input_embeddings()
     images = [s for prompt in prompts for s in prompt if isinstance(s, Tensor)]
     device = table.weight.device
-    prefixes: list[Tensor] = []  # (P, D) per image, in order
+    prefixes: list[Tensor] = []  # (P, D) or (W, D) per image, in order
     for start in range(0, len(images), IMAGE_CHUNK):
         batch = torch.stack(images[start : start + IMAGE_CHUNK]).to(device)  # (N, 3, S, S)
-        prefixes += list(captioner.prefix(batch))  # checks the image size
+        prefixes += list(show(batch))  # checks the image size
     texts = [s for prompt in prompts for s in prompt if isinstance(s, str)]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     next_prefix, next_text = iter(prefixes), iter(ids)
@@ -98,7 +112,8 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
     lengths = [len(r) for r in rows]
     if max(lengths) > captioner.context:
         i = max(range(len(rows)), key=lengths.__getitem__)
-        raise ValueError(f"prompt {i} is {lengths[i]} vectors long ({captioner.prefix_length} per image), more than "
+        per_image = captioner.prefix_length if view == "prefix" else captioner.word_view
+        raise ValueError(f"prompt {i} is {lengths[i]} vectors long ({per_image} per image), more than "
                          f"the language model's context of {captioner.context}: use fewer shots or shorter text")  # fmt: skip
     longest = max(lengths)
     embeds = table.weight.new_zeros(len(rows), longest, rows[0].shape[-1])  # (B, L, D), or (B, L, K * D)
@@ -111,10 +126,11 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
 
 @torch.no_grad()
 def complete(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]], *, max_new_tokens: int = 8,
-             batch_size: int = 64, start_of_text: bool = True, **decoding_kwargs) -> list[str]:  # fmt: skip
+             batch_size: int = 64, start_of_text: bool = True, view: str = "prefix",
+             **decoding_kwargs) -> list[str]:  # fmt: skip
     """The LM's continuation of each prompt (greedy by default, with the KV cache), cut at end-of-text.
 
-    start_of_text: as in `embed_prompts`."""
+    start_of_text, view: as in `embed_prompts`."""
     out: list[str] = []
     eot = tokenizer.eos_token_id
     was_training = captioner.training
@@ -122,7 +138,7 @@ def complete(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment
     try:
         for start in range(0, len(prompts), batch_size):
             embeds, mask = embed_prompts(captioner, tokenizer, prompts[start : start + batch_size],
-                                         start_of_text=start_of_text)  # fmt: skip
+                                         start_of_text=start_of_text, view=view)  # fmt: skip
             room = captioner.context - embeds.shape[1]
             if room < 1:
                 raise ValueError(f"a prompt of {embeds.shape[1]} vectors leaves no room to answer in the "
@@ -139,12 +155,12 @@ def complete(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment
 @torch.no_grad()
 def score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
           candidates: Sequence[Sequence[str]], *, batch_size: int = 64,
-          start_of_text: bool = True) -> Tensor:  # fmt: skip
+          start_of_text: bool = True, view: str = "prefix") -> Tensor:  # fmt: skip
     """(B, K) log p(candidate | prompt), summed over the candidate's tokens; every prompt has K candidates.
 
     The prompts run once; each prompt's KV cache is then repeated K times and the candidates (right-padded)
     run on top of it, so a prompt of L vectors costs L + K·C positions rather than K·(L + C).
-    start_of_text: as in `embed_prompts`.
+    start_of_text, view: as in `embed_prompts`.
     """
     if len(candidates) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} lists of candidates")
@@ -155,15 +171,15 @@ def score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
     captioner.eval()
     try:
         return torch.cat([_score(captioner, tokenizer, prompts[i : i + batch_size], candidates[i : i + batch_size],
-                                 start_of_text) for i in range(0, len(prompts), batch_size)])  # fmt: skip
+                                 start_of_text, view) for i in range(0, len(prompts), batch_size)])  # fmt: skip
     finally:
         captioner.train(was_training)
 
 
 def _score(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Segment]],
-           candidates: Sequence[Sequence[str]], start_of_text: bool) -> Tensor:  # fmt: skip
+           candidates: Sequence[Sequence[str]], start_of_text: bool, view: str) -> Tensor:  # fmt: skip
     lm = captioner.lm
-    embeds, mask = embed_prompts(captioner, tokenizer, prompts, start_of_text=start_of_text)  # (B, L, D), (B, L)
+    embeds, mask = embed_prompts(captioner, tokenizer, prompts, start_of_text=start_of_text, view=view)  # (B, L, D)
     b, k = len(prompts), len(candidates[0])
     ids = tokenizer([c for row in candidates for c in row], add_special_tokens=False)["input_ids"]  # B·K lists
     if min(map(len, ids)) == 0:

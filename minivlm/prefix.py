@@ -38,6 +38,17 @@ of all the LM's token embeddings, nearest the caption word it stands for: the P 
 caption's last P tokens ("small red circle ." for "a small red circle."). It is a cross-entropy over the
 vocabulary of cosine similarities, so only the direction is trained, as the normalisation leaves it.
 
+**A second view, in the LM's own words** (`word_view_loss`, optional: `CaptionerConfig.word_view`). The
+alignment loss above pulls the caption prefix's *direction* towards words while captioning pulls it
+elsewhere, and the course measured that the LM's look-ups still miss it. The word view is a separate, small
+head (an MLP, as ClipCap's) that writes W vectors regressed onto the *exact* token embeddings of the
+caption's last W tokens ("a small red circle ." for W = 5), direction and length, from the encoder's
+features, which it reads without changing them (the captioner learns exactly as without it). An image
+shown to the LM this way reads almost as its caption would: images that should match, match. It is how
+few-shot prompts show images when asked to (`minivlm.fewshot`, view="words"); it is the same idea as
+mapping images onto the LM's vocabulary to prompt a frozen LM in context (LQAE, Liu et al., 2023;
+SPAE, Yu et al., 2023), softened: the vectors are not snapped to the nearest word.
+
 **Read at every block** (`DeepPrefixLM`, optional: `CaptionerConfig.prefix_depth`). Frozen and ClipCap
 put the prefix at the LM's *input* only, and everything the LM says about the image must then be computed
 from P input vectors by weights that never learned to read them. That works for large LMs, and far less
@@ -69,8 +80,8 @@ from minivlm.data.captions import IGNORE_INDEX
 
 __all__ = [
     "embedding_scale", "PrefixMapper", "LinearMapper", "MLPMapper", "TransformerMapper", "GridMapper", "MAPPERS",
-    "build_mapper", "WORD_TEMPERATURE", "word_targets", "word_alignment_loss", "blocks_of", "block_input_scales",
-    "WideEmbedding", "DeepPrefixLM",
+    "build_mapper", "WORD_TEMPERATURE", "word_targets", "word_alignment_loss", "word_view_loss", "blocks_of",
+    "block_input_scales", "WideEmbedding", "DeepPrefixLM",
 ]  # fmt: skip
 
 WORD_TEMPERATURE = 0.1  # cosine similarities / this are the logits of the word-alignment loss
@@ -253,6 +264,23 @@ def word_alignment_loss(prefix: Tensor, table: Tensor, labels: Tensor) -> Tensor
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def word_view_loss(words: Tensor, table: Tensor, labels: Tensor) -> Tensor:
+    """How far each word-view vector is from the token embedding it should be: 0 when it is that embedding.
+
+    words: (B, W, D); table: (V, D) the LM's token embeddings (frozen: no gradient reaches them); labels:
+    (B, T) as in `word_targets`, which gives each vector its token (the caption's last W). The squared
+    distance, over the mean squared length of a token embedding: 1 is as far as a typical embedding is
+    from zero, whatever the LM. The mean over every vector with a target.
+    """
+    if words.ndim != 3 or words.shape[-1] != table.shape[-1]:
+        raise ValueError(f"expected word vectors (B, W, {table.shape[-1]}), got {tuple(words.shape)}")
+    targets = word_targets(labels, words.shape[1])  # (B, W)
+    given = targets != IGNORE_INDEX  # (B, W)
+    table = table.detach().float()
+    scale = table.square().sum(dim=-1).mean()  # mean |e_v|², a number
+    return (words.float()[given] - table[targets[given]]).square().sum(dim=-1).mean() / scale
+
+
 # ---- a prefix read at every block ----------------------------------------------------------------
 
 
@@ -314,7 +342,11 @@ class WideEmbedding:
 
     def __call__(self, ids: Tensor) -> Tensor:
         """ids (...) -> (..., K * D)."""
-        return F.pad(self.table(ids), (0, (self.depth - 1) * self.table.embedding_dim))
+        return self.widen(self.table(ids))
+
+    def widen(self, vectors: Tensor) -> Tensor:
+        """(..., D) input vectors -> (..., K * D), zeros in the deeper slots: read as a token is read."""
+        return F.pad(vectors, (0, (self.depth - 1) * self.table.embedding_dim))
 
 
 class DeepPrefixLM(nn.Module):

@@ -66,7 +66,7 @@ from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.lm import freeze, learning_rate, load_frozen_lm
-from minivlm.prefix import word_alignment_loss
+from minivlm.prefix import word_alignment_loss, word_view_loss
 
 __all__ = [
     "LM_INITS", "PRECISIONS", "TrainConfig", "TRAIN_PRESETS", "batch_indices", "StepBatches", "batch_loader",
@@ -79,7 +79,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # autocast: bfloat16 on a GPU and float32
 BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch", "length_groups")
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
 ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups")
-CAPTIONER_ADDED_FIELDS = ("prefix_depth",)  # the same, of CaptionerConfig
+CAPTIONER_ADDED_FIELDS = ("prefix_depth", "word_view")  # the same, of CaptionerConfig
 CNN_ADDED_FIELDS = ("colour",)  # the same, of CNNConfig
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
@@ -186,10 +186,13 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
 # Every step sees 64 new images (179,200 = 2,800 steps of 64; rendering them takes seconds): with 20,000
 # images seen 9 times each, the deep prefix fit the training captions far better than new ones.
 # Its LM reads short, middling and long captions apart (length_groups), which skips most of a batch's padding.
+# It has a word view of 5 vectors, a one-object caption's tokens (`CaptionerConfig.word_view`), which few-shot
+# prompts show images as (`bench/fewshot.py`): through the prefix, images did not bind to names in context.
 # "cpu-words": "cpu" with its prefix also written in words (`minivlm.prefix.word_alignment_loss`), for
 # few-shot prompting. "gpu-224": "gpu" at ImageNet's 224 pixels; its 20,000 images take 3 GB as uint8,
 # rendered once by each process.
-_CPU = TrainConfig(captioner=replace(CAPTIONER_PRESETS["cpu"], mapper="grid", prefix_length=16, prefix_depth=4),
+_CPU = TrainConfig(captioner=replace(CAPTIONER_PRESETS["cpu"], mapper="grid", prefix_length=16, prefix_depth=4,
+                                     word_view=5),
                    train_images=179_200, length_groups=3)  # fmt: skip
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(lm="course:tiny", captioner=CAPTIONER_PRESETS["tiny"], train_images=512, max_length=64,
@@ -527,7 +530,9 @@ def train(config: TrainConfig | str = "cpu", *, lm: nn.Module | None = None, tok
     out_dir: where checkpoints go (none without one); resume=True continues the checkpoint there (or
     starts one), and without resume an existing checkpoint is an error rather than overwritten.
     callback(step, captioner, history) runs after each step and its checkpoint, `step` steps done.
-    history: per-step "loss" (the caption's), "lr" and "grad_norm", and with word_alignment "word_loss".
+    history: per-step "loss" (the caption's), "lr" and "grad_norm", with word_alignment "word_loss", and with a
+    word view (`CaptionerConfig.word_view`) "word_view_loss". The word view's head learns from its own loss
+    alone, clipped apart, so the rest of the captioner trains exactly as it would without it.
     The caller's random state is left as it was.
     Started by torchrun, every rank calls train() and gets the same result; rank 0 alone prints and
     writes (`minivlm.distributed`), and the callback runs on every rank.
@@ -561,7 +566,10 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
     captioner = _build_captioner(config, lm).to(device).train()
     params = captioner.trainable_parameters()
     optimizer = _adamw(params, config)
-    start, history = 0, {"loss": [], "lr": [], "grad_norm": [], **({"word_loss": []} if config.word_alignment else {})}
+    head = set(captioner.word_mapper.parameters()) if captioner.word_mapper is not None else set()
+    clipped = [[p for p in params if p not in head], [p for p in params if p in head]]  # clipped apart
+    start, history = 0, {"loss": [], "lr": [], "grad_norm": [], **({"word_loss": []} if config.word_alignment else {}),
+                         **({"word_view_loss": []} if head else {})}  # fmt: skip
     if out_dir is not None and (out_dir / WEIGHTS).exists():  # every rank reads; none has written yet
         if not resume:
             raise FileExistsError(f"{out_dir} already holds a checkpoint; pass resume=True to continue it, "
@@ -593,9 +601,15 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
             words = word_alignment_loss(out.prefix[..., : table.shape[1]], table, labels)  # the input slot
             loss = loss + config.word_alignment * words
             history["word_loss"].append(words.item())  # this rank's (rank 0's in the log)
+        if head:  # a mean over this rank's word vectors; its gradient reaches the word view's head alone
+            view = word_view_loss(out.words, captioner.language_model.get_input_embeddings().weight, labels)
+            loss = loss + view
+            history["word_view_loss"].append(view.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # with DDP, the gradients are all-reduced as they are computed
-        norm = nn.utils.clip_grad_norm_(params, config.grad_clip)  # the norm before clipping
+        norm = nn.utils.clip_grad_norm_(clipped[0], config.grad_clip)  # the norm before clipping
+        if head:
+            nn.utils.clip_grad_norm_(clipped[1], config.grad_clip)
         optimizer.step()
         history["loss"].append(mean.item())
         history["lr"].append(lr)

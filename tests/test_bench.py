@@ -176,6 +176,9 @@ def test_perf_flop_count_is_the_textbook_formula(monkeypatch):
     adds exactly the weight gradients, 2 x params x tokens more."""
     import torch
 
+    import numpy as np
+    import torch
+
     from minivlm.captioner import CAPTIONER_PRESETS, Captioner
     from minivlm.gpt2 import GPT2, GPT2Config
 
@@ -217,11 +220,34 @@ def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
     stdout, results = quick_run("fewshot.py", tmp_path)
     assert "fast binding (% right)" in stdout and "visual question answering (% right)" in stdout
     assert results["preset"] == "tiny" and len(results["binding"]) == 29 and len(results["vqa"]) == 6
+    assert results["word_view"] == 0 and all(row["words"] == "none" for row in results["binding"])  # tiny has none
     for row in results["binding"] + results["vqa"]:
         assert 0 < row["chance"] <= 0.5
         for mode in ("images", "blind", "text"):
             assert row[mode] is None or 0 <= row[mode]["open"] <= 1 and 0 <= row[mode]["rank"] <= 1
     assert sum(row["images"] is not None for row in results["binding"]) >= 20  # most prompts fit the context
+
+
+def test_fewshot_benchmark_shows_images_in_words_where_the_captioner_has_a_word_view():
+    spec = importlib.util.spec_from_file_location("bench_fewshot", ROOT / "bench" / "fewshot.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import numpy as np
+    import torch
+
+    from minivlm.captioner import CAPTIONER_PRESETS, Captioner
+    from minivlm.data.episodes import binding_episode
+    from minivlm.lm import load_frozen_lm
+
+    lm, tokenizer = load_frozen_lm("course:tiny")
+    rng = np.random.default_rng(0)
+    episodes = [binding_episode(rng, 2, 1) for _ in range(4)]
+    torch.manual_seed(0)
+    viewed = Captioner.from_config(lm, replace(CAPTIONER_PRESETS["tiny"], word_view=5)).eval()
+    out = bench.measure(viewed, tokenizer, episodes, 32, False)
+    assert set(out) == {"chance", *bench.COLUMNS} and 0 <= out["words"]["open"] <= 1 and 0 <= out["words"]["rank"] <= 1
+    assert bench.measure(Captioner.from_config(lm, "tiny").eval(), tokenizer, episodes, 32, False)["words"] == "none"
+    assert "-" in bench.table("t", ["row"], [{**out, "words": "none"}]).splitlines()[-1].split()
 
 
 def test_diagnose_quick_run_prints_the_four_measurements(tmp_path):

@@ -18,7 +18,7 @@ from minivlm.cnn import SmallCNN
 from minivlm.data.captions import CaptionCollator, ShapesCaptions
 from minivlm.data.shapes import ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
-from minivlm.prefix import LinearMapper, block_input_scales
+from minivlm.prefix import LinearMapper, block_input_scales, build_mapper
 from minivlm.tokenizer import train_tokenizer
 
 TINY = CAPTIONER_PRESETS["tiny"]  # tiny CNN, linear mapper, P = 2
@@ -410,3 +410,41 @@ def test_a_grid_prefix_is_a_vector_per_cell_read_by_every_block_and_trains_only_
                                          "cells, got 4"):  # fmt: skip
         CaptionerConfig(cnn_preset="tiny", mapper="grid", prefix_length=4)
     assert CaptionerConfig(encoder="resnet18", mapper="grid", prefix_length=1).prefix_length == 1  # its global pool
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_word_view_reads_the_features_without_changing_them_and_is_read_as_text(lms, depth):
+    """The word view's head learns from its own loss alone; its vectors go to the LM's input, deeper slots zero."""
+    config = replace(TINY, prefix_depth=depth, word_view=3)
+    model = captioner(lms["minivlm"], config).train()
+    assert model.word_view == 3 and captioner(lms["minivlm"]).word_view == 0
+    data = batch(b=4, t=6)
+    out = model(**data)
+    assert out.words.shape == (4, 3, 32)
+    out.words.square().sum().backward()  # a loss of the word view alone
+    assert all(p.grad is None for p in model.encoder.parameters())  # it reaches no encoder weight
+    assert all(p.grad is not None for p in model.word_mapper.parameters())
+    model.zero_grad()
+    grouped = model(**data, length_groups=2)
+    assert_close(grouped.words, out.words)
+    words = model.words(data["images"])  # (B, W, K * D): what a few-shot prompt shows
+    assert words.shape == (4, 3, depth * 32)
+    assert_close(words[..., :32], out.words)
+    assert (words[..., 32:] == 0).all()  # deeper slots: zeros, so the blocks compute them as for a token
+    torch.manual_seed(0)
+    same = Captioner.from_config(copy.deepcopy(lms["minivlm"]), replace(config, word_view=0))
+    torch.manual_seed(0)
+    with_view = Captioner.from_config(copy.deepcopy(lms["minivlm"]), config)
+    for name, t in same.state_dict().items():  # the head is made last: the rest starts as without it
+        assert torch.equal(t, with_view.state_dict()[name]), name
+    with pytest.raises(ValueError, match="no word view"):
+        same.words(data["images"])
+    with pytest.raises(ValueError, match="word_view must be an int >= 0"):
+        CaptionerConfig(word_view=-1)
+    f = model.encoder.out_dim
+    with pytest.raises(ValueError, match=f"the word view's head reads {f} features into vectors of width 16; the "
+                                         f"encoder gives {f} and the LM's embeddings have width 32"):  # fmt: skip
+        Captioner(model.encoder, model.mapper, lms["minivlm"], prefix_depth=depth,
+                  word_mapper=build_mapper("mlp", f, 16, 3, None))  # fmt: skip
+    with pytest.raises(ValueError, match=f"the encoder gives {f} features, the mapper expects {f + 1}"):
+        Captioner(model.encoder, build_mapper("linear", f + 1, 32, 2 * depth, 1.0), lms["minivlm"], prefix_depth=depth)

@@ -290,13 +290,17 @@ def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
     So did the cpu preset's prefix read by every block and its 179,200 training images, later that day; the
     preset before them, whose `prefix_depth` is CaptionerConfig's default, keeps the name it had. And so did
     its CNN's colour path (`CNNConfig.colour`, 2026-12-06); the CNN presets without one keep their names. And
-    its grid mapper (2026-12-07, `GridMapper`, P = 16), in place of the MLP's 4 vectors.
+    its grid mapper (2026-12-07, `GridMapper`, P = 16), in place of the MLP's 4 vectors; and the word view of
+    the cpu preset (`CaptionerConfig.word_view`, later that day).
     """
     from minivlm import cnn
 
     assert T.CAPTIONER_CACHE_VERSION == 2
-    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-5f86c07f9cce"
-    grid = T.TRAIN_PRESETS["cpu"]
+    assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-2a1fd712bb73"
+    now = T.TRAIN_PRESETS["cpu"]
+    grid = replace(now, captioner=replace(now.captioner, word_view=0))
+    monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", grid)
+    assert T._cache_name("cpu") == "cpu-5f86c07f9cce"  # the grid preset before its word view (2026-12-07)
     monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(grid, captioner=replace(grid.captioner, mapper="mlp",
                                                                                  prefix_length=4)))  # fmt: skip
     assert T._cache_name("cpu") == "cpu-5fcbd8932bd2"  # the preset of 2026-12-06, before the grid mapper

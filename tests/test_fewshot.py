@@ -79,6 +79,37 @@ def test_embed_prompts_puts_each_prefix_and_each_text_in_place(captioners, token
     assert_close(embeds[1, -P:], cap.prefix(image[None])[0])
 
 
+@pytest.mark.parametrize("backend", ["minivlm", "transformers-deep"])
+def test_an_image_shown_as_its_word_view_is_read_exactly_as_the_words_it_writes(captioners, tokenizer, backend,
+                                                                               monkeypatch):  # fmt: skip
+    """view="words": each image becomes its W word vectors; a word view that writes a text's own token embeddings
+    makes the prompt read exactly as that text (a deep prefix's deeper slots are zeros, as a token's are)."""
+    cap = captioners[backend]
+    config = replace(DEEP_CONFIG if cap.prefix_depth > 1 else CAPTIONER_PRESETS["tiny"], word_view=3)
+    torch.manual_seed(2)
+    viewed = Captioner.from_config(copy.deepcopy(cap.language_model), config).eval()
+    image = torch.rand(3, 32, 32)
+    embeds, mask = fewshot.embed_prompts(viewed, tokenizer, [[image, " this is a"], ["hi", image]], view="words")
+    n = len(tokenizer(" this is a", add_special_tokens=False)["input_ids"])
+    assert mask[0].sum() == 3 + n  # W = 3 vectors for the image, not P
+    assert_close(embeds[0, -(3 + n) : -n], viewed.words(image[None])[0])
+    assert_close(embeds[1, -3:], viewed.words(image[None])[0])
+    ids = tokenizer(" a red circle", add_special_tokens=False)["input_ids"]
+    table = viewed.lm.get_input_embeddings()  # wide for a deep prefix: zeros after the first D
+    monkeypatch.setattr(viewed, "words", lambda images: table(torch.tensor(ids)).expand(len(images), -1, -1))
+    shown = [["answer with dax or wug.", image, " this is a dax.", image, " this is a"]]
+    spelled = [["answer with dax or wug. a red circle this is a dax. a red circle this is a"]]
+    candidates = [[" dax.", " wug."]]
+    assert_close(fewshot.score(viewed, tokenizer, shown, candidates, view="words"),
+                 fewshot.score(viewed, tokenizer, spelled, candidates), atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert (fewshot.complete(viewed, tokenizer, shown, view="words", max_new_tokens=4)
+            == fewshot.complete(viewed, tokenizer, spelled, max_new_tokens=4))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown view 'pixels'"):
+        fewshot.embed_prompts(viewed, tokenizer, shown, view="pixels")
+    with pytest.raises(ValueError, match="has no word view"):
+        fewshot.complete(cap, tokenizer, shown, view="words")
+
+
 def test_a_prompt_that_opens_with_text_opens_with_end_of_text_as_pretraining_text_did(captioners, tokenizer):
     cap = captioners["minivlm"]
     image = torch.rand(3, 32, 32)

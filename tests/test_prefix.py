@@ -10,7 +10,7 @@ from torch.testing import assert_close
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.prefix import (
     MAPPERS, WORD_TEMPERATURE, GridMapper, TransformerMapper, build_mapper, embedding_scale, word_alignment_loss,
-    word_targets,
+    word_targets, word_view_loss,
 )  # fmt: skip
 
 F_, D, P = 24, 32, 3  # features, LM width, prefix length
@@ -140,3 +140,23 @@ def test_word_alignment_loss_is_low_on_the_right_words_and_reaches_only_the_pref
     assert right.grad is not None and table.grad is None  # the LM's embeddings get no gradient
     with pytest.raises(ValueError, match="prefix"):
         word_alignment_loss(right.detach()[..., :-1], table, labels)
+
+
+def test_word_view_loss_is_zero_on_the_exact_embeddings_and_reaches_only_the_word_vectors(lm):
+    """Squared distance to the target's embedding, over the mean squared embedding length; slots without one skipped."""
+    table = lm.get_input_embeddings().weight  # (V, D)
+    labels = torch.tensor([[5, 6, 7, 0], [9, 0, -100, -100]])  # W = 2: targets (6, 7) and (none, 9)
+    exact = table[torch.tensor([[6, 7], [3, 9]])].detach().clone()  # slot (1, 0) has no target: anything goes
+    assert word_view_loss(exact, table, labels).item() == 0.0
+    words = exact.clone()
+    words[1, 0] = 100.0  # no target: changes nothing
+    words[0, 1] = 0.0  # the zero vector: one embedding's squared length away from " 7"
+    words.requires_grad_(True)
+    loss = word_view_loss(words, table, labels)
+    scale = table.detach().square().sum(-1).mean()
+    assert_close(loss.detach(), table.detach()[7].square().sum() / scale / 3)  # the mean over the 3 targeted slots
+    loss.backward()
+    assert words.grad is not None and table.grad is None  # the LM's embeddings get no gradient
+    assert words.grad[1, 0].abs().sum() == 0  # nor does a slot without a target
+    with pytest.raises(ValueError, match="word vectors"):
+        word_view_loss(words.detach()[..., :-1], table, labels)

@@ -173,6 +173,37 @@ def test_word_alignment_writes_the_prefix_in_words_and_leaves_the_lm_frozen(lm, 
     assert losses[0] < losses[1]
 
 
+def test_a_word_view_learns_its_words_and_leaves_the_rest_of_the_run_as_it_was(lm, tokenizer, tmp_path):
+    """The same run with and without a word view: equal caption losses, gradient norms and weights, bit for bit;
+    the word view's own loss falls; it is saved, loaded and resumed with the rest; the LM does not move."""
+    before = lm_state(lm)
+    config = replace(CONFIG, steps=30, warmup=2, lr=3e-3, sample_every=0)
+    viewed = replace(config, captioner=replace(config.captioner, word_view=3))
+    plain, history = train(config, lm=lm, tokenizer=tokenizer, progress=False)
+    model, with_view = train(viewed, lm=lm, tokenizer=tokenizer, progress=False)
+    assert "word_view_loss" not in history and len(with_view["word_view_loss"]) == 30
+    assert with_view["loss"] == history["loss"] and with_view["grad_norm"] == history["grad_norm"]
+    ours = model.state_dict()
+    assert all(torch.equal(t, ours[k]) for k, t in plain.state_dict().items())
+    assert np.mean(with_view["word_view_loss"][-5:]) < 0.5 * np.mean(with_view["word_view_loss"][:5])
+    assert all(torch.equal(before[k], t) for k, t in lm_state(model.lm).items())
+    # cut off after step 17 (last checkpoint: 15) and resumed, it is the whole run; loaded, it writes the same words
+
+    def crash(step, *_):
+        if step == 17:
+            raise KeyboardInterrupt
+
+    halves = replace(viewed, checkpoint_every=5)
+    with pytest.raises(KeyboardInterrupt):
+        train(halves, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False, callback=crash)
+    resumed, history = train(halves, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, resume=True, progress=False)
+    assert history == with_view
+    want, got = learned_state(model), learned_state(resumed)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.equal(load_captioner(tmp_path, lm=lm).words(images), model.words(images))
+
+
 def test_random_lm_control_is_frozen_and_rebuilt_on_load(lm, tokenizer, tmp_path):
     config = replace(CONFIG, lm_init="random", steps=1, warmup=0)
     captioner, _ = train(config, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False)
