@@ -21,26 +21,25 @@ DEMO_OUT = "reports/demo"
 DEMO_IMAGES = {"tiny": 32, "cpu": 1000, "cpu-words": 1000, "gpu": 1000, "gpu-224": 1000}
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an int of at least 1, or argparse's one-line error."""
+def _int_at_least(text: str, low: int, wanted: str) -> int:
+    """text as an int of at least `low`, or argparse's one-line error saying it `wanted` one."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1, or argparse's one-line error."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an int of at least 0, or argparse's one-line error."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer of at least 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer of at least 0")
 
 
 def non_negative_float(text: str) -> float:
