@@ -12,8 +12,9 @@ the point), then probes it with text alone (`minivlm.probes`):
 - the copies read back attribute by attribute (sentence shape vs content words), and how similar the
   embeddings of interchangeable words are (" red" vs " blue": 1.0 means the LM cannot tell them apart);
 - N-way fast binding (Frozen's task, in text): 2-way and 5-way, 1 shot, with and without task
-  induction ("answer with dax or wug."); chance is 1 / N; and 2-way with the query's description a
-  word-for-word repeat of an example's, the easiest match there is; each with the corpus's mix of
+  induction ("answer with dax or wug."), names following the colour as in the corpus; chance is 1 / N;
+  2-way with the query's description a word-for-word repeat of an example's, the easiest match there is;
+  and 2-way with names following the shape, which the corpus never does; each with the corpus's mix of
   names, with the course's NAMES only (one token each, as in the few-shot lesson) and made-up ones only;
 - question answering from a caption in the prompt.
 
@@ -93,6 +94,12 @@ def main() -> None:
         ],  # fmt: skip
         "binding_echo": {key: binding_accuracy(model, tokenizer, ways=2, shots=1, task_induction=True, episodes=n,
                                                echo=True, made_up=made_up) for key, made_up in NAME_KINDS.items()},
+        "binding_by_shape": [
+            {"ways": 2, "shots": 1, "task_induction": ti, "chance": 0.5, **{
+                key: binding_accuracy(model, tokenizer, ways=2, shots=1, task_induction=ti, episodes=n,
+                                      made_up=made_up, attribute="shape") for key, made_up in NAME_KINDS.items()}}
+            for ti in (True, False)
+        ],  # fmt: skip
     }
     ok = "within" if seconds <= TARGET_SECONDS else "OVER"
     print(f"\nparameters             {results['params']:>10,}")
@@ -110,11 +117,14 @@ def main() -> None:
     print("\nfast binding, 1 shot, open-ended   names: mixed   course   made-up   chance")
     rows = [(f"{r['ways']}-way, {'with' if r['task_induction'] else 'no'} task induction", r, r["chance"])
             for r in results["binding"]]
-    for label, r, chance in [*rows, ("2-way, the query repeated", results["binding_echo"], 0.5)]:
+    rows.append(("2-way, the query repeated", results["binding_echo"], 0.5))
+    rows += [(f"2-way by shape, {'with' if r['task_induction'] else 'no'} induction", r, r["chance"])
+             for r in results["binding_by_shape"]]
+    for label, r, chance in rows:
         print(f"  {label:<32} " + "".join(f"{r[k]:>9.1%}" for k in NAME_KINDS) + f"{chance:>9.1%}")
-    print("  (mixed: half the episodes' names are NAMES, half made up, as in the corpus; course: NAMES, one token")
-    print("  each, like dax; made-up: fresh words of several tokens. The repeated query's description is an")
-    print("  example's, word for word.)")
+    print("  (names follow the colour, as in the corpus, except in the rows by shape. mixed: half the episodes'")
+    print("  names are NAMES, half made up, as in the corpus; course: NAMES, one token each, like dax; made-up:")
+    print("  fresh words of several tokens. The repeated query's description is an example's, word for word.)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -8,8 +8,16 @@ corpus holds documents that are only predictable by reading back:
 - "repeat": a caption said again ("a small red circle. a small red circle."): copying from context;
 - "qa": a caption followed by questions about it and their answers: reading an attribute from context;
 - "binding": descriptions, each followed by a made-up name ("a small red circle. this is a dax."),
-  then a new description of the same kind, whose name can only come from the earlier lines: in-context
-  name binding, the skill Frozen's few-shot results rest on (Tsimpoukelli et al., 2021, section 4.2);
+  then a new description of the same colour, whose name can only come from the earlier lines: in-context
+  name binding, the skill Frozen's few-shot results rest on (Tsimpoukelli et al., 2021, section 4.2).
+  Names always follow the colour, whatever the number of names (2 to 5: the world has five colours), and
+  the shapes are drawn at random, so they say nothing. One example per name cannot tell which attribute
+  the names follow ("a red circle. this is a dax. a blue square. this is a wug. a red square. this is a"),
+  so that has to come from pretraining, and it has to be one attribute: in scratch runs whose documents
+  bound by shape in some episodes and by colour in others, the course LM learned the look-up of
+  whichever was the more common and answered at chance by the other. (Until CACHE_VERSION 8 names followed
+  the shape, with colours only for 5 names, more than there are shapes; the LM then bound 2-way episodes
+  and answered 5-way ones at chance.) `bench/lm.py` measures binding by colour and by shape;
 - "drill": a list of distinct words in random order, said again ("wug red dax small circle. wug red dax
   small circle."): copying tokens never seen in that order before, which no grammar predicts, builds
   "induction heads" (Olsson et al., 2022), the attention pattern that finds the earlier copy of the
@@ -158,28 +166,29 @@ def _fact(rng: np.random.Generator) -> str:
 
 def binding_prompt(
     rng: np.random.Generator, ways: int, shots: int, *, task_induction: bool, strict: bool = False, queries: int = 1,
-    echo: bool = False, made_up: bool | None = None,
+    echo: bool = False, made_up: bool | None = None, attribute: str = "colour",
 ) -> tuple[str, str]:
     """A fast-binding episode as text: (prompt ending in 'this is a', the query's name).
 
-    Each of `ways` categories (shapes for up to 4 ways, colours for 5) gets a name; `shots` described
+    Each of `ways` categories (colours; shapes with attribute="shape") gets a name; `shots` described
     examples of each, in random order, are each followed by 'this is a <name>.'; with task induction the
-    episode opens with 'answer with <name> or <name>.'. `queries` - 1 more solved examples come before
-    the final, unanswered one. echo=True: the final query repeats, word for word, the description of an
-    earlier example of its category (the easiest match there is); otherwise it is described afresh.
-    The names are NAMES or made up, half the time each (as in the corpus); made_up=False: always NAMES,
-    True: always made up.
+    episode opens with 'answer with <name> or <name>.'. The other attributes of every description are
+    drawn at random. `queries` - 1 more solved examples come before the final, unanswered one.
+    echo=True: the final query repeats, word for word, the description of an earlier example of its
+    category (the easiest match there is); otherwise it is described afresh. The names are NAMES or made
+    up, half the time each (as in the corpus); made_up=False: always NAMES, True: always made up.
+    The corpus binds by colour (see the module docstring); attribute="shape" asks what it never taught.
     """
-    if not 1 <= ways <= len(S.COLOURS):
-        raise ValueError(f"ways must be 1 to {len(S.COLOURS)}, got {ways}")
-    by_shape = ways <= len(S.SHAPES)
-    pool = S.SHAPES if by_shape else S.COLOURS
+    if attribute not in ("colour", "shape"):
+        raise ValueError(f"unknown attribute {attribute!r}; choose 'colour' or 'shape'")
+    pool = S.COLOURS if attribute == "colour" else S.SHAPES
+    if not 1 <= ways <= len(pool):
+        raise ValueError(f"there are {len(pool)} {attribute}s, so ways must be 1 to {len(pool)}, got {ways}")
     categories = [pool[j] for j in rng.permutation(len(pool))[:ways]]
     names = _names(rng, ways) if made_up is None else made_up_names(rng, ways) if made_up else _course_names(rng, ways)
 
     def example(w: int) -> str:
-        key = {"shape": categories[w]} if by_shape else {"colour": categories[w]}
-        return _phrase(rng, strict, **key)
+        return _phrase(rng, strict, **{attribute: categories[w]})
 
     parts = [f"answer with {' or '.join(names)}."] if task_induction else []
     order = np.repeat(np.arange(ways), shots)[rng.permutation(ways * shots)]

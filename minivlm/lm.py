@@ -53,8 +53,9 @@ __all__ = [
 
 # Bump when the corpus generator, the tokenizer or the training code change what a configuration
 # produces: every cached model then retrains once.
-CACHE_VERSION = 7  # 2: windows start at document starts; 3: embeddings not decayed; 4: "fact" documents;
-# 5: canonical captions; 6: drills of whole words; 7: "recall" documents, sinusoidal position init
+CACHE_VERSION = 8  # 2: windows start at document starts; 3: embeddings not decayed; 4: "fact" documents;
+# 5: canonical captions; 6: drills of whole words; 7: "recall" documents, sinusoidal position init;
+# 8: binding documents name colours, whatever the number of names
 POSITION_INITS = ("sinusoidal", "normal")
 BACKENDS = ("minivlm", "transformers")  # our GPT2, or transformers' GPT2LMHeadModel
 RECORD = "minivlm.json"  # the configuration and training statistics, next to the weights

@@ -6,7 +6,7 @@ directly, with greedy decoding (`minivlm.decoding.greedy`), before any image is 
 
 - copy: after "a small red circle. a" does it go on " small red circle."? (the corpus's repeats; the
   prompt's " a", which starts every caption, says that the text goes on rather than ends)
-- bind: after "a red circle. this is a dax. a blue square. this is a wug. a green circle. this is a"
+- bind: after "a red circle. this is a dax. a blue square. this is a wug. a red triangle. this is a"
   does it say " dax."? Names are drawn fresh for each episode, so only the context can tell (Frozen's
   fast-binding task, Tsimpoukelli et al., 2021, in text); chance is 1 / ways.
 - answer: after "<caption> q: what colour is the circle? a:" does it say the right colour?
@@ -130,19 +130,20 @@ def word_similarity(model: nn.Module, tokenizer, groups: dict[str, Sequence[str]
 
 def binding_accuracy(
     model: nn.Module, tokenizer, *, ways: int, shots: int = 1, task_induction: bool = True, episodes: int = 200,
-    seed: int = 0, strict: bool = False, echo: bool = False, made_up: bool | None = None,
+    seed: int = 0, strict: bool = False, echo: bool = False, made_up: bool | None = None, attribute: str = "colour",
 ) -> float:  # fmt: skip
     """Open-ended N-way fast binding in text: is the query's name, bound earlier in the prompt, said next?
 
+    The names follow `attribute`: the colour, as in the corpus, or the shape, which the corpus never binds.
     echo=True makes the query's description a word-for-word repeat of an earlier example's, so that the
     match is as easy as it gets: an LM that fails even then does not look back past "this is a".
     made_up: the names, as in `binding_prompt` (None: half NAMES, half made up; False: NAMES, the single
     tokens "dax", "wug", ...; True: made up, mostly several tokens, which the LM must also spell right).
     """
     rng = np.random.default_rng([seed, ways, shots, task_induction] + ([1] if echo else [])
-                                + ([] if made_up is None else [2 + made_up]))  # fmt: skip
+                                + ([] if made_up is None else [2 + made_up]) + ([4] if attribute == "shape" else []))
     episodes_ = [binding_prompt(rng, ways, shots, task_induction=task_induction, strict=strict, echo=echo,
-                                made_up=made_up) for _ in range(episodes)]  # fmt: skip
+                                made_up=made_up, attribute=attribute) for _ in range(episodes)]  # fmt: skip
     return accuracy(model, tokenizer, [p for p, _ in episodes_], [f" {name}." for _, name in episodes_])
 
 

@@ -40,8 +40,11 @@ def test_query_image_is_new_and_categories_vary():
     episodes = [binding_episode(rng, 2, 1) for _ in range(200)]
     assert all(e.segments[-2] not in e.segments[:-2] for e in episodes)
     assert {e.answer == e.candidates[0] for e in episodes} == {True, False}  # the answer is not always first
-    asked = {attribute_of(e.segments[-2], "shape") for e in episodes}
-    assert asked == set(S.SHAPES)
+    assert {attribute_of(e.segments[-2], "colour") for e in episodes} == set(S.COLOURS)
+    assert {attribute_of(e.segments[-2], "shape") for e in episodes} == set(S.SHAPES)  # the other attribute varies
+    # unless told otherwise, names follow the colour, as in the course corpus's binding documents
+    assert episodes[0] == binding_episode(np.random.default_rng(1), 2, 1, attribute="colour")
+    assert episodes[0] != binding_episode(np.random.default_rng(1), 2, 1, attribute="shape")
 
 
 def test_episodes_are_a_function_of_the_generator():

@@ -63,11 +63,18 @@ class Oracle(nn.Module):
 
 
 def solve_binding(prompt: str) -> str:
-    """Name the query after the earlier example that shares its category (shape, or colour in 5-way)."""
+    """Name the query after the earlier example that shares its category: its colour, as the corpus binds
+    (the first name if none does)."""
     examples = re.findall(r"a \w+ (\w+) (\w+)\. this is a (\w+)\.", prompt)
     colour, shape = re.search(r"a \w+ (\w+) (\w+)\. this is a$", prompt).groups()
-    five_way = len({name for *_, name in examples}) == 5
-    return next(f" {n}." for c, s, n in examples if (c == colour if five_way else s == shape))
+    return next((f" {n}." for c, s, n in examples if c == colour), f" {examples[0][2]}.")
+
+
+def solve_by_shape(prompt: str) -> str:
+    """The same look-up by shape (the first earlier example of the query's shape; the first name if none)."""
+    examples = re.findall(r"a \w+ (\w+) (\w+)\. this is a (\w+)\.", prompt)
+    colour, shape = re.search(r"a \w+ (\w+) (\w+)\. this is a$", prompt).groups()
+    return next((f" {n}." for c, s, n in examples if s == shape), f" {examples[0][2]}.")
 
 
 def first_name(prompt: str) -> str:
@@ -126,6 +133,10 @@ def test_binding_probe(tokenizer, ways):
     assert score(lambda p: " dax.") < 0.2  # one fixed name
     assert score(solve_binding, echo=True) == 1.0  # the query repeats an example's description
     assert abs(score(first_name, echo=True) - 1 / ways) < 0.15
+    if ways <= 4:  # names that follow the shape: one look-up is right, the other at about chance
+        assert score(solve_by_shape, attribute="shape") == 1.0
+        assert abs(score(solve_binding, attribute="shape") - 1 / ways) < 0.15
+    assert score(solve_by_shape) < 0.75  # by shape where names follow the colour
 
 
 def test_answer_probe(tokenizer):

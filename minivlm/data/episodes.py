@@ -4,8 +4,9 @@ What it teaches: how Frozen's few-shot experiments are built, so that only the c
 answer (Tsimpoukelli et al., 2021, section 4; their Open-Ended miniImageNet follows Vinyals et al.,
 2016). One *episode* is one prompt and its answer:
 
-- **fast binding** (`binding_episode`): N categories ("ways") of one attribute (shapes: circle,
-  square, ...; or colours) each get a nonsense name drawn for this episode only (dax, blicket, ...).
+- **fast binding** (`binding_episode`): N categories ("ways") of one attribute (colours, as in the
+  course corpus's binding documents, or shapes) each get a nonsense name drawn for this episode only
+  (dax, blicket, ...); the other attributes of each image are drawn at random.
   The *support*: `shots` images of each category ("inner shots"), each followed by "this is a
   <name>.", shuffled, the whole block said `repeats` times. Then the *query*, a new image of one of the
   categories, and "this is a": the answer is its name. With *task induction* the episode opens with
@@ -86,7 +87,7 @@ def _names(rng: np.random.Generator, n: int, made_up: bool) -> list[str]:
 
 
 def binding_episode(
-    rng: np.random.Generator, ways: int, shots: int, *, attribute: str = "shape", task_induction: bool = True,
+    rng: np.random.Generator, ways: int, shots: int, *, attribute: str = "colour", task_induction: bool = True,
     repeats: int = 1, split: str = "test", made_up_names: bool = False,
 ) -> Episode:  # fmt: skip
     """An N-way fast-binding episode: support images named with nonsense words, then a new query image to name."""
