@@ -81,12 +81,13 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
     """Interleaved prompts -> (inputs_embeds (B, L, D), attention_mask (B, L)), left-padded, ready for the LM.
 
     Every image of every prompt goes through the encoder and mapper together (in chunks), every text
-    through the LM's own embedding table. A prompt that opens with text gets <|endoftext|> in front
-    (start_of_text=False: not), and one that opens with an image does not: each then begins as what
-    its first segment was trained after. The LM read every text of its pretraining after
-    <|endoftext|> (`minivlm.probes`); the captioner learned its prefix at position 0, where nothing
-    comes before. view: "prefix" (each image as its visual prefix) or "words" (as its word view). Raises a
-    ValueError if a prompt is longer than the LM's context, or the captioner has no word view to show.
+    through the LM's own embedding table. Each prompt begins as what its first segment was trained
+    after. The LM read every text of its pretraining after <|endoftext|> (`minivlm.probes`), so a
+    prompt that opens with text gets <|endoftext|> in front (start_of_text=False: not); so does one that
+    opens with an image shown in words, which stands for text. The captioner learned its prefix at
+    position 0, where nothing comes before, so a prompt that opens with an image's prefix gets nothing.
+    view: "prefix" (each image as its visual prefix) or "words" (as its word view). Raises a ValueError
+    if a prompt is longer than the LM's context, or the captioner has no word view to show.
     """
     _check_segments(prompts)
     if view not in VIEWS:
@@ -108,6 +109,8 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
         parts = [next(next_prefix) if isinstance(s, Tensor)
                  else table(torch.tensor((opening if j == 0 else []) + next(next_text), device=device))
                  for j, s in enumerate(prompt)]  # fmt: skip
+        if opening and view == "words" and isinstance(prompt[0], Tensor):  # words are text: <|endoftext|> first
+            parts.insert(0, table(torch.tensor(opening, device=device)))
         rows.append(torch.cat([p.to(table.weight.dtype) for p in parts]))  # (L_i, D)
     lengths = [len(r) for r in rows]
     if max(lengths) > captioner.context:

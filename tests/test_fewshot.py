@@ -91,15 +91,20 @@ def test_an_image_shown_as_its_word_view_is_read_exactly_as_the_words_it_writes(
     image = torch.rand(3, 32, 32)
     embeds, mask = fewshot.embed_prompts(viewed, tokenizer, [[image, " this is a"], ["hi", image]], view="words")
     n = len(tokenizer(" this is a", add_special_tokens=False)["input_ids"])
-    assert mask[0].sum() == 3 + n  # W = 3 vectors for the image, not P
+    assert mask[0].sum() == 1 + 3 + n  # <|endoftext|>, as before any text, then W = 3 vectors for the image, not P
+    table = viewed.lm.get_input_embeddings()  # wide for a deep prefix: zeros after the first D
+    assert_close(embeds[0, -(1 + 3 + n)], table(torch.tensor(tokenizer.eos_token_id)))
     assert_close(embeds[0, -(3 + n) : -n], viewed.words(image[None])[0])
     assert_close(embeds[1, -3:], viewed.words(image[None])[0])
+    unopened, _ = fewshot.embed_prompts(viewed, tokenizer, [[image, " this is a"]], view="words", start_of_text=False)
+    assert unopened.shape[1] == 3 + n
     ids = tokenizer(" a red circle", add_special_tokens=False)["input_ids"]
-    table = viewed.lm.get_input_embeddings()  # wide for a deep prefix: zeros after the first D
     monkeypatch.setattr(viewed, "words", lambda images: table(torch.tensor(ids)).expand(len(images), -1, -1))
-    shown = [["answer with dax or wug.", image, " this is a dax.", image, " this is a"]]
-    spelled = [["answer with dax or wug. a red circle this is a dax. a red circle this is a"]]
-    candidates = [[" dax.", " wug."]]
+    shown = [["answer with dax or wug.", image, " this is a dax.", image, " this is a"],
+             [image, " this is a dax.", image, " this is a"]]  # fmt: skip
+    spelled = [["answer with dax or wug. a red circle this is a dax. a red circle this is a"],
+               [" a red circle this is a dax. a red circle this is a"]]  # fmt: skip
+    candidates = [[" dax.", " wug."]] * 2
     assert_close(fewshot.score(viewed, tokenizer, shown, candidates, view="words"),
                  fewshot.score(viewed, tokenizer, spelled, candidates), atol=1e-5, rtol=1e-5)  # fmt: skip
     assert (fewshot.complete(viewed, tokenizer, shown, view="words", max_new_tokens=4)
