@@ -107,9 +107,9 @@ def embed_prompts(captioner: Captioner, tokenizer, prompts: Sequence[Sequence[Se
     opening = [tokenizer.eos_token_id] if start_of_text else []
     for prompt in prompts:
         parts = [next(next_prefix) if isinstance(s, Tensor)
-                 else table(torch.tensor((opening if j == 0 else []) + next(next_text), device=device))
-                 for j, s in enumerate(prompt)]  # fmt: skip
-        if opening and view == "words" and isinstance(prompt[0], Tensor):  # words are text: <|endoftext|> first
+                 else table(torch.tensor(next(next_text), dtype=torch.long, device=device))  # "" gives no rows
+                 for s in prompt]  # fmt: skip
+        if opening and (isinstance(prompt[0], str) or view == "words"):  # text, and words, begin after <|endoftext|>
             parts.insert(0, table(torch.tensor(opening, device=device)))
         rows.append(torch.cat([p.to(table.weight.dtype) for p in parts]))  # (L_i, D)
     lengths = [len(r) for r in rows]

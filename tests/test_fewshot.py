@@ -132,6 +132,10 @@ def test_a_prompt_that_opens_with_text_opens_with_end_of_text_as_pretraining_tex
     assert mask[1].sum() == P + n  # image first: no <|endoftext|>, the prefix at position 0 as in training
     assert_close(with_start[1, -(P + n) :], without[1, -(P + n) :])
     assert_close(with_start[1, -(P + n) : -n], cap.prefix(image[None])[0])
+    empty_text = fewshot.embed_prompts(cap, tokenizer, [["", image, " this is a"], ["hi", "", image, " this is a"]])
+    assert empty_text[1][0].sum() == 1 + P + n  # an empty text is no vectors; it still opens with <|endoftext|>
+    assert_close(empty_text[0][0, -(1 + P + n) :], torch.cat([eot[None], with_start[1, -(P + n) :]]))
+    assert_close(empty_text[0][1], with_start[0])
     # complete and score read the same <|endoftext|> as a prompt that spells it out
     spelled = ["<|endoftext|>hi", image, " this is a"]
     said = fewshot.complete(cap, tokenizer, [text_first])
