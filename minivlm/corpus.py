@@ -63,8 +63,8 @@ import numpy as np
 
 from minivlm.data import shapes as S
 
-__all__ = ["KINDS", "NAMES", "LIST_WORDS", "RECALL_KEYS", "CorpusConfig", "made_up_word", "made_up_names",
-           "document", "documents", "binding_prompt"]  # fmt: skip
+__all__ = ["KINDS", "NAMES", "LIST_WORDS", "RECALL_KEYS", "BINDING_ATTRIBUTES", "CorpusConfig", "made_up_word",
+           "made_up_names", "document", "documents", "binding_prompt"]  # fmt: skip
 
 KINDS = ("caption", "repeat", "qa", "binding", "drill", "fact", "recall")
 # Names in the style of the Frozen paper's miniImageNet tasks; half of all binding documents use these,
@@ -89,6 +89,8 @@ FACTS = {
 LIST_WORDS = (*S.SIZES, *S.COLOURS, *S.SHAPES, *NAMES)
 # "recall" documents name these one-word descriptions.
 RECALL_KEYS = (*S.SIZES, *S.COLOURS, *S.SHAPES)
+# What names in a binding episode can follow: the corpus's own documents use colours only (module docstring).
+BINDING_ATTRIBUTES = {"shape": S.SHAPES, "colour": S.COLOURS}
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 
@@ -179,9 +181,9 @@ def binding_prompt(
     up, half the time each (as in the corpus); made_up=False: always NAMES, True: always made up.
     The corpus binds by colour (see the module docstring); attribute="shape" asks what it never taught.
     """
-    if attribute not in ("colour", "shape"):
-        raise ValueError(f"unknown attribute {attribute!r}; choose 'colour' or 'shape'")
-    pool = S.COLOURS if attribute == "colour" else S.SHAPES
+    if attribute not in BINDING_ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; choose one of {sorted(BINDING_ATTRIBUTES)}")
+    pool = BINDING_ATTRIBUTES[attribute]
     if not 1 <= ways <= len(pool):
         raise ValueError(f"there are {len(pool)} {attribute}s, so ways must be 1 to {len(pool)}, got {ways}")
     categories = [pool[j] for j in rng.permutation(len(pool))[:ways]]

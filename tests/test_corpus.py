@@ -116,7 +116,7 @@ def test_binding_documents_name_colours_and_say_nothing_by_their_shapes():
     check_binding(f"{prompt} {name}.", "shape")
     with pytest.raises(ValueError, match="there are 4 shapes, so ways must be 1 to 4"):
         binding_prompt(rng, 5, 1, task_induction=False, attribute="shape")
-    with pytest.raises(ValueError, match="unknown attribute 'size'"):
+    with pytest.raises(ValueError, match="unknown attribute 'size'; choose one of \\['colour', 'shape'\\]"):
         binding_prompt(rng, 2, 1, task_induction=False, attribute="size")
 
 

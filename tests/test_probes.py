@@ -62,19 +62,19 @@ class Oracle(nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=ids if use_cache else None)
 
 
-def solve_binding(prompt: str) -> str:
-    """Name the query after the earlier example that shares its category: its colour, as the corpus binds
-    (the first name if none does)."""
-    examples = re.findall(r"a \w+ (\w+) (\w+)\. this is a (\w+)\.", prompt)
-    colour, shape = re.search(r"a \w+ (\w+) (\w+)\. this is a$", prompt).groups()
-    return next((f" {n}." for c, s, n in examples if c == colour), f" {examples[0][2]}.")
+def solve_by(attribute: str):
+    """A rule that names the query after the first earlier example sharing its colour (or shape); the first
+    name if none does."""
+    def solve(prompt: str) -> str:
+        examples = re.findall(r"a \w+ (\w+) (\w+)\. this is a (\w+)\.", prompt)
+        query = re.search(r"a \w+ (\w+) (\w+)\. this is a$", prompt).groups()
+        k = 0 if attribute == "colour" else 1
+        return next((f" {e[2]}." for e in examples if e[k] == query[k]), f" {examples[0][2]}.")
+
+    return solve
 
 
-def solve_by_shape(prompt: str) -> str:
-    """The same look-up by shape (the first earlier example of the query's shape; the first name if none)."""
-    examples = re.findall(r"a \w+ (\w+) (\w+)\. this is a (\w+)\.", prompt)
-    colour, shape = re.search(r"a \w+ (\w+) (\w+)\. this is a$", prompt).groups()
-    return next((f" {n}." for c, s, n in examples if s == shape), f" {examples[0][2]}.")
+solve_binding, solve_by_shape = solve_by("colour"), solve_by("shape")  # the corpus binds by colour
 
 
 def first_name(prompt: str) -> str:

@@ -37,14 +37,14 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-from minivlm.corpus import NAMES, made_up_names
+from minivlm.corpus import BINDING_ATTRIBUTES, NAMES, made_up_names
 from minivlm.data import shapes as S
 from minivlm.data.folders import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ATTRIBUTES", "MODES", "Episode", "single_object_scene", "binding_episode", "vqa_episode", "to_prompt",
            "to_prompts"]  # fmt: skip
 
-ATTRIBUTES = {"shape": S.SHAPES, "colour": S.COLOURS}  # what a binding category can be
+ATTRIBUTES = BINDING_ATTRIBUTES  # what a binding category can be, as in the corpus's text episodes
 MODES = ("images", "blind", "text")  # how an episode's scenes are shown (see the module docstring)
 
 
