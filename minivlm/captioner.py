@@ -257,7 +257,9 @@ class Captioner(nn.Module):
         captions are sorted by length and cut into G groups, and the LM reads each group padded only to
         its own longest caption. In a shapes-world batch, padding to the longest caption is a large share
         of the LM's positions (a 1-object caption is about a quarter as long as a 3-object one); the cpu
-        training preset skips most of it this way (`bench/perf.py` counts the FLOPs saved).
+        training preset skips most of it this way (`bench/perf.py` counts the FLOPs saved). With a prefix
+        read by every block (`DeepPrefixLM.reads_every_block`), its first P - 1 positions go to the LM as
+        keys and values alone (`DeepPrefixLM.prefix_cache`), which skips the rest of the LM's work there.
         """
         if length_groups:
             if labels is None:
@@ -275,10 +277,12 @@ class Captioner(nn.Module):
         """The word view (B, W, D) of features (B, F) it cannot change (its loss trains its head alone), or None."""
         return None if self.word_mapper is None else self.word_mapper(features.detach())
 
-    def _logits(self, embeds: Tensor) -> Tensor:
-        """The LM's logits (B, S, V) for embeddings (B, S, D) whose rows start at position 0."""
-        positions = repeat(torch.arange(embeds.shape[1], device=embeds.device), "s -> b s", b=embeds.shape[0])
-        return self.lm(inputs_embeds=embeds, position_ids=positions).logits
+    def _logits(self, embeds: Tensor, cache=None) -> Tensor:
+        """The LM's logits (B, S, V) for embeddings (B, S, D) whose rows start at position 0, or after a KV cache's."""
+        past = 0 if cache is None else cache.get_seq_length()
+        positions = torch.arange(past, past + embeds.shape[1], device=embeds.device)
+        positions = repeat(positions, "s -> b s", b=embeds.shape[0])
+        return self.lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache).logits
 
     def _shifted_labels(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """labels (B, T) extended over the prefix: (B, P + T), IGNORE_INDEX on the P prefix positions."""
@@ -294,11 +298,15 @@ class Captioner(nn.Module):
         embeds, mask, features = self._embed(images, input_ids, attention_mask)  # (B, P + T, D), (B, P + T), (B, F)
         labels = self._shifted_labels(input_ids, labels)  # (B, P + T)
         lengths = mask.sum(dim=1)  # (B,) prefix and caption, EOT included
+        # With a prefix read by every block, positions 0 .. P-2 are only keys and values (`DeepPrefixLM.prefix_cache`):
+        # the LM runs from the last prefix position, the first whose output the loss reads.
+        cached = self.prefix_length - 1 if isinstance(self.lm, DeepPrefixLM) and self.lm.reads_every_block else 0
         total = embeds.new_zeros(())
         for rows in torch.argsort(lengths).chunk(groups):  # shortest captions first
             s = int(lengths[rows].max())  # this group's longest row: the padding after it is never read
-            logits = self._logits(embeds[rows, :s])  # (B_g, s, V)
-            total = total + next_token_loss(logits, labels[rows, :s], reduction="sum")
+            cache = self.lm.prefix_cache(embeds[rows, :cached]) if cached else None
+            logits = self._logits(embeds[rows, cached:s], cache)  # (B_g, s - cached, V)
+            total = total + next_token_loss(logits, labels[rows, cached:s], reduction="sum")
         loss = total / (labels != IGNORE_INDEX).sum()  # the mean over every labelled token of the batch
         return CaptionerOutput(None, loss, embeds[:, : self.prefix_length], self._detached_words(features))
 

@@ -62,6 +62,15 @@ there are the image's own. The LM's weights are untouched and still frozen; only
 is deeper. `block_input_scales` gives each set
 the length of what its block reads (the residual stream grows from block to block).
 
+When *every* block reads the prefix (K = n_layer), what a block computes at a prefix position is never
+read: the next block reads the image's next set there instead, and the loss starts at the last prefix
+position. All the caption's tokens ever take from prefix positions 0 .. P-2 is each block's keys and
+values there, which depend on the image's vectors alone. `DeepPrefixLM.prefix_cache` computes just those
+(a LayerNorm and one linear layer per block) and hands them to the LM as a KV cache, as prefix-tuning's own
+code passes its prefix (`past_key_values`); the LM then runs only the last prefix position and the caption.
+Training takes this path (`Captioner.forward` with length groups): the same loss up to rounding, and the
+LM's attention, MLP and output layer skip the P - 1 positions whose results were thrown away.
+
 Axis letters: B batch, F features, P prefix tokens, D the LM's embedding width, K feature tokens (in
 `TransformerMapper`) or blocks that read the prefix (in `DeepPrefixLM`), N grid cells, C features per cell and
 S sets of N vectors (in `GridMapper`), T caption tokens, V vocabulary.
@@ -76,7 +85,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from minivlm.attention import KVCache
 from minivlm.data.captions import IGNORE_INDEX
+from minivlm.gpt2 import GPT2
 
 __all__ = [
     "embedding_scale", "PrefixMapper", "LinearMapper", "MLPMapper", "TransformerMapper", "GridMapper", "MAPPERS",
@@ -412,3 +423,41 @@ class DeepPrefixLM(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    @property
+    def reads_every_block(self) -> bool:
+        """Whether every block of the LM reads the prefix (K = n_layer): then `prefix_cache` can stand for it."""
+        return self.depth == len(blocks_of(self.lm))
+
+    def prefix_cache(self, prefix: Tensor):
+        """The keys and values every block has at the prefix positions, as a KV cache to continue from.
+
+        prefix: (B, P', K * D), the first P' prefix vectors, from position 0, of an LM that every block of
+        which reads the prefix (`reads_every_block`). Block k's keys and values there are its key and value
+        projections of LayerNorm(set k), set 0 with the position embeddings added as at the input: what a
+        forward pass over the prefix would store (see the module's notes). The cache is the LM's own kind
+        (`minivlm.attention.KVCache`, or transformers' `DynamicCache`); pass it as past_key_values, with
+        position_ids from P' on, and the LM continues after position P' - 1.
+        """
+        if not self.reads_every_block:
+            raise ValueError(f"prefix_cache needs a prefix read by every block ({len(blocks_of(self.lm))}); "
+                             f"this one is read by {self.depth}, and the blocks after it compute the prefix "
+                             f"positions from what came before")  # fmt: skip
+        if prefix.ndim != 3 or prefix.shape[-1] != self.depth * self.width:
+            raise ValueError(f"expected a prefix of shape (B, P, {self.depth} * {self.width}), got "
+                             f"{tuple(prefix.shape)}")  # fmt: skip
+        slots = list(rearrange(prefix, "b p (k d) -> k b p d", k=self.depth))  # K of (B, P', D)
+        transformer = self.lm.transformer
+        positions = torch.arange(prefix.shape[1], device=prefix.device)
+        slots[0] = transformer.drop(slots[0] + transformer.wpe(positions))  # the input, as the LM makes it
+        if isinstance(self.lm, GPT2):
+            cache = KVCache()
+        else:  # transformers' GPT2LMHeadModel
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        for layer, (block, x) in enumerate(zip(blocks_of(self.lm), slots)):
+            qkv = block.attn.c_attn(block.ln_1(x))  # (B, P', 3D): the queries are not needed, but cost little
+            _, k, v = rearrange(qkv, "b p (three h e) -> three b h p e", three=3, h=self.lm.config.n_head)
+            cache.update(k, v, layer)  # (B, H, P', E) each
+        return cache

@@ -324,6 +324,31 @@ def test_both_backends_read_a_deep_prefix_alike(lms):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_prefix_read_by_every_block_is_keys_and_values_the_lm_continues_from(lms, backend):
+    """prefix_cache holds what the blocks keep of prefix positions 0 .. P-2; the LM continues from it as from them."""
+    config = replace(DEEP, prefix_length=4)  # both blocks of the tiny LM read 4 vectors
+    model = captioner(lms[backend], config).eval()
+    data = batch(b=3, t=5)
+    with torch.no_grad():
+        embeds, _, _ = model._embed(data["images"], data["input_ids"], data["attention_mask"])  # (B, 4 + T, 2D)
+        full = model._logits(embeds)  # (B, 4 + T, V)
+        cache = model.lm.prefix_cache(embeds[:, :3])
+        assert cache.get_seq_length() == 3
+        assert_close(model._logits(embeds[:, 3:], cache), full[:, 3:], atol=1e-5, rtol=0)
+        wrong = model.lm.prefix_cache(embeds[:, :3].flip(1))  # the prefix's vectors in another order
+        assert not torch.allclose(model._logits(embeds[:, 3:], wrong), full[:, 3:], atol=1e-3)
+    with pytest.raises(ValueError, match="shape"):
+        model.lm.prefix_cache(embeds[:, :3, :32])
+    three = GPT2(GPT2Config.from_preset("tiny", n_layer=3))  # a prefix read by 2 of its 3 blocks: block 2 computes
+    shallow = captioner(three, config)  # the prefix positions from block 1's output, so they are not a cache
+    assert not shallow.lm.reads_every_block
+    with pytest.raises(ValueError, match="read by every block"):
+        shallow.lm.prefix_cache(embeds[:, :3])
+    data = batch(b=6, t=7)
+    assert_close(shallow(**data, length_groups=3).loss, shallow(**data).loss, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_deep_prefix_trains_only_the_vision_side_and_groups_alike(lms, backend):
     """The LM stays bit-identical and gradient-free; grouping captions by length gives the same gradients."""
     data = batch(b=6, t=7)
