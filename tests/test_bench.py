@@ -122,6 +122,24 @@ def test_captioner_mapper_table_trains_the_preset_with_one_prefix_and_with_a_vec
     assert set(per_cell["metrics"]) == {"test", "heldout"}
 
 
+def test_captioner_budget_table_trains_the_preset_on_a_share_of_its_images():
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from minivlm.train import TRAIN_PRESETS
+
+    preset = TRAIN_PRESETS["cpu"]
+    assert (preset.steps, preset.batch_size, preset.train_images) == (2_800, 64, 179_200)  # the labels' arithmetic
+    rows = [c for _, c in bench.rows("budget")]
+    assert rows[0] == {}  # the preset itself
+    tiny = TRAIN_PRESETS["tiny"]  # 40 steps of 16 on 512 images, lr 3e-3
+    same, half = (bench.run_one("tiny", None, 4, c) for c in rows[1:])
+    assert (same["steps"], same["batch_size"], same["train_images"]) == (17, 16, 219)  # 3/7 of the steps and images
+    assert (half["steps"], half["batch_size"], half["train_images"]) == (34, 8, 219)  # as many images, in 2x the steps
+    assert same["lr"] == half["lr"] and math.isclose(same["lr"], 2.5 * tiny.lr)
+    assert set(half["metrics"]) == {"test", "heldout"}
+
+
 def test_captioner_depth_table_gives_every_block_its_own_prefix():
     spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
     bench = importlib.util.module_from_spec(spec)
