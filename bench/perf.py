@@ -53,7 +53,7 @@ from minivlm.attention import MultiHeadSelfAttention
 from minivlm.captioner import Captioner, CaptionerConfig
 from minivlm.decoding import beam_search, greedy
 from minivlm.gpt2 import GPT2, GPT2Config
-from minivlm.prefix import embedding_scale
+from minivlm.prefix import DeepPrefixLM, embedding_scale
 from minivlm.train import TRAIN_PRESETS
 
 # Dense bfloat16 peak of each GPU, TFLOP/s, from the vendor's data sheet; the first name found in
@@ -74,6 +74,7 @@ class Setup:
     bf16: bool = False  # bfloat16 autocast (a GPU's fast path; slow on most CPUs)
     compile: bool = False  # torch.compile the captioner first
     length_groups: int = 0  # the LM reads the batch in this many groups of similar caption length (0: one)
+    prefix_cache: bool = True  # a prefix read by every block goes to the LM as keys and values (False: run whole)
 
 
 def preset_setup(name: str, **changes) -> Setup:
@@ -91,10 +92,17 @@ SETUPS = {
     # 24 random tokens (COCO's average caption is about 12 words, 14 GPT-2 tokens).
     "gpu-224": preset_setup("gpu-224", lm="random:gpt2", caption_tokens=24, bf16=True, compile=True),
     # Tiny versions of both, for --quick.
-    "tiny": preset_setup("tiny", length_groups=2),
+    "tiny": preset_setup("tiny", length_groups=2, captioner=replace(TRAIN_PRESETS["tiny"].captioner, prefix_depth=2)),
     "gpu-tiny": preset_setup("tiny", lm="random:tiny", caption_tokens=12),
 }
 PADDED = "frozen, one padded batch"  # section 4's extra row for a setup with length groups
+WHOLE = "frozen, prefix run whole"  # and for a prefix read by every block, without `DeepPrefixLM.prefix_cache`
+
+
+class WholePrefixLM(DeepPrefixLM):
+    """A DeepPrefixLM whose training loss runs every prefix position through every block, as before prefix_cache."""
+
+    reads_every_block = False  # what Captioner's grouped loss asks before it takes the cache
 
 
 @dataclass(frozen=True)
@@ -369,6 +377,8 @@ def prepare_training(setup: Setup, train_lm: bool, device: torch.device) -> tupl
     lm, tokenizer = load_lm(setup.lm, device)
     torch.manual_seed(0)
     captioner = Captioner.from_config(lm, replace(setup.captioner, train_lm=train_lm)).to(device).train()
+    if not setup.prefix_cache and isinstance(captioner.lm, DeepPrefixLM):
+        captioner.lm.__class__ = WholePrefixLM  # the same module and weights; only the grouped loss's path differs
     batch = training_batch(setup, lm, tokenizer, device)
     flops, parts = count_flops(captioner, batch, setup.bf16, setup.length_groups)
     params = captioner.trainable_parameters()
@@ -391,6 +401,8 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
         variants = [("frozen", False, setup), ("fine-tuned", True, setup)]
         if setup.length_groups:  # what grouping the captions by length saves: the frozen LM on one padded batch
             variants.append((PADDED, False, replace(setup, length_groups=0)))
+            if setup.captioner.prefix_depth > 1:  # and what the prefix as keys and values saves, where it applies
+                variants.append((WHOLE, False, replace(setup, prefix_cache=False)))
         for label, train_lm, variant in variants:
             steps[label], rows[label] = prepare_training(variant, train_lm, device)
         warmup, rounds = sizes.train_steps
@@ -418,6 +430,10 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
             saved["length_groups_speed"] = frozen["images_per_s"] / rows[PADDED]["images_per_s"]
             print(f"  length groups: {saved['length_groups_speed']:.2f}x the images/s of one batch padded to its "
                   f"longest caption ({PADDED!r})")  # fmt: skip
+        if WHOLE in rows:
+            saved["prefix_cache_speed"] = frozen["images_per_s"] / rows[WHOLE]["images_per_s"]
+            print(f"  prefix as keys and values: {saved['prefix_cache_speed']:.2f}x the images/s of running the "
+                  f"prefix positions through every block ({WHOLE!r})")  # fmt: skip
         print("  step MB: tensor memory the first step adds (kept activations, gradients, AdamW state)")
         print("  GFLOP/image: matrix products and convolutions, forward + backward, counted; forward by part: "
               + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in frozen["forward_flops_per_image"].items()))
@@ -428,7 +444,8 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
             print("  target: MFU >= 40% on an H100, LM frozen")
         results.append(dict(setup=name, batch_size=setup.batch_size, image_size=setup.captioner.image_size,
                             bf16=setup.bf16, compiled=setup.compile, matmul=matmul, peak_tflops=peak,
-                            frozen=frozen, fine_tuned=tuned, padded=rows.get(PADDED), saves=saved))  # fmt: skip
+                            frozen=frozen, fine_tuned=tuned, padded=rows.get(PADDED), whole_prefix=rows.get(WHOLE),
+                            saves=saved))  # fmt: skip
     return results
 
 

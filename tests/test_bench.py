@@ -187,6 +187,9 @@ def test_perf_benchmark_quick_run_prints_every_ratio(tmp_path):
     tiny = results["training"][0]  # shapes-world captions in 2 length groups: the padding they skip is not computed
     assert tiny["padded"]["flops_per_image"] > tiny["frozen"]["flops_per_image"]
     assert tiny["saves"]["length_groups_speed"] > 0 and results["training"][1]["padded"] is None
+    # its prefix is read by both blocks of the tiny LM: as keys and values, positions 0 .. P-2 skip the rest of the LM
+    assert tiny["whole_prefix"]["flops_per_image"] > tiny["frozen"]["flops_per_image"]
+    assert tiny["saves"]["prefix_cache_speed"] > 0 and results["training"][1]["whole_prefix"] is None
 
 
 def test_perf_flop_count_is_the_textbook_formula(monkeypatch):
