@@ -34,7 +34,8 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table depth --threads 2     # 3 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --table colour --threads 2    # 2 runs of the cpu preset (about 32 minutes)
     .venv/bin/python bench/captioner.py --table mapper --threads 2    # 3 runs of the cpu preset (about 48 minutes)
-    .venv/bin/python bench/captioner.py --table budget --threads 2    # the cpu preset and 2 shorter runs (about 25 minutes)
+    .venv/bin/python bench/captioner.py --table budget --threads 2    # the preset and 2 shorter runs (about 25 minutes)
+    .venv/bin/python bench/captioner.py --table budget --seed 1       # the same from another init and batch order
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -119,9 +120,9 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training
     if changes.get("prefix_depth") == "every":  # the LM's every block
         changes = {**changes, "prefix_depth": len(lm.transformer.h)}
-    trainer = {k: v for k, v in changes.items() if k == "lm_init"}
-    config = replace(config, captioner=replace(config.captioner, **{k: v for k, v in changes.items() if k != "lm_init"}),
-                     **trainer)  # fmt: skip
+    trainer = {k: v for k, v in changes.items() if k in ("lm_init", "seed")}  # TrainConfig's; the rest the captioner's
+    vision = {k: v for k, v in changes.items() if k not in trainer}
+    config = replace(config, captioner=replace(config.captioner, **vision), **trainer)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -133,6 +134,7 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
                               normalize=config.normalize_images, max_new_tokens=config.max_length)  # fmt: skip
     return {
         "steps": config.steps,
+        "seed": config.seed,
         "batch_size": config.batch_size,
         "train_images": config.train_images,
         "lr": config.lr,
@@ -174,6 +176,8 @@ def main() -> None:
     parser.add_argument("--table", choices=TABLES, action="append", help="which table (default: all of them)")
     parser.add_argument("--preset", default="cpu", help="TRAIN_PRESETS entry (default: cpu)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=None, help="every run's seed: the vision side's init and the "
+                        "batch order (default: the preset's)")  # fmt: skip
     parser.add_argument("--images", type=int, default=500, help="evaluation images per split (default: 500)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--quick", action="store_true", help="the tiny preset, few images: a smoke run")
@@ -190,10 +194,11 @@ def main() -> None:
     tables = args.table or list(TABLES)
     print(f"captioner preset {preset!r}; torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
           f"{'cuda' if torch.cuda.is_available() else platform.processor() or platform.machine()}")  # fmt: skip
-    everything = {"preset": preset, "steps": args.steps, "images": images}
+    everything = {"preset": preset, "steps": args.steps, "images": images, "seed": args.seed}
     for table in tables:
         results = []
         for label, changes in rows(table):
+            changes = changes if args.seed is None else {**changes, "seed": args.seed}
             print(f"  {label} ...", flush=True)
             results.append({"label": label, "changes": changes,
                             **run_in_subprocess(preset, args.steps, images, changes, args.threads)})  # fmt: skip

@@ -137,6 +137,7 @@ def test_captioner_budget_table_trains_the_preset_on_a_share_of_its_images():
     assert (same["steps"], same["batch_size"], same["train_images"]) == (17, 16, 219)  # 3/7 of the steps and images
     assert (half["steps"], half["batch_size"], half["train_images"]) == (34, 8, 219)  # as many images, in 2x the steps
     assert same["lr"] == half["lr"] and math.isclose(same["lr"], 2.5 * tiny.lr)
+    assert same["seed"] == tiny.seed and bench.run_one("tiny", 2, 4, {**rows[2], "seed": 1})["seed"] == 1
     assert set(half["metrics"]) == {"test", "heldout"}
 
 
