@@ -73,6 +73,7 @@ BUDGETS = {  # row label: the share of the preset's images (and steps), its batc
     "3/7 of the images, the same batch, lr x2.5": {"share": 3 / 7, "lr_scale": 2.5},
     "3/7 of the images, half the batch, lr x2.5": {"share": 3 / 7, "batch_scale": 0.5, "lr_scale": 2.5},
 }
+BUDGET_KEYS = ("share", "batch_scale", "lr_scale")  # a budget row's changes, applied to the recipe, not the captioner
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -110,13 +111,13 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
         changes = {**{k: v for k, v in changes.items() if k not in cnn_changes}, "cnn_preset": cnn}
     if steps is not None:
         config = replace(config, steps=steps, warmup=min(config.warmup, steps // 10))
-    if {"share", "batch_scale", "lr_scale"} & changes.keys():  # a budget row: fewer images, each seen as often
+    if set(BUDGET_KEYS) & changes.keys():  # a budget row: fewer images, each seen as often
         share, batch_scale = changes.get("share", 1.0), changes.get("batch_scale", 1.0)
         batch = round(config.batch_size * batch_scale)
         config = replace(config, batch_size=batch, steps=round(config.steps * share / batch_scale),
                          train_images=max(batch, round(config.train_images * share)),
                          lr=config.lr * changes.get("lr_scale", 1.0))  # fmt: skip
-        changes = {k: v for k, v in changes.items() if k not in ("share", "batch_scale", "lr_scale")}
+        changes = {k: v for k, v in changes.items() if k not in BUDGET_KEYS}
     lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training
     if changes.get("prefix_depth") == "every":  # the LM's every block
         changes = {**changes, "prefix_depth": len(lm.transformer.h)}
