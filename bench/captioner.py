@@ -1,7 +1,7 @@
 """The captioner, measured: the controls, the ablation over prefix length and mapper, the stem, the depth, the colour,
-the mapper of the preset.
+the mapper of the preset, the budget, the CNN's last stage.
 
-Six tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+Eight tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
 (pretrained once, or read from the cache) and scored on new test and held-out images:
 
 - `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
@@ -23,6 +23,9 @@ Six tables, each row a captioner trained from scratch (`minivlm.train.train`) ag
 - `--table budget`: the preset's recipe beside the same on 3/7 of its images (76,800 of 179,200, what about 5
   minutes of training covers on 2 slow CPU cores), at the preset's batch and at half of it, with 2.5 times its
   learning rate: what the issue's 5-minute budget buys, and whether more, smaller steps buy more of it.
+- `--table cnn`: the preset's CNN beside cheaper last stages (`CNNConfig.widths` and `blocks`: fewer channels or
+  one residual block fewer at 4 x 4, where half of the CNN's FLOPs are): what a cheaper, faster step costs in
+  captions.
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -36,6 +39,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table mapper --threads 2    # 3 runs of the cpu preset (about 48 minutes)
     .venv/bin/python bench/captioner.py --table budget --threads 2    # the preset and 2 shorter runs (about 25 minutes)
     .venv/bin/python bench/captioner.py --table budget --seed 1       # the same from another init and batch order
+    .venv/bin/python bench/captioner.py --table cnn --threads 2       # 3 runs of the cpu preset (about 35 minutes)
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -52,7 +56,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget")
+TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget", "cnn")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -73,6 +77,7 @@ BUDGETS = {  # row label: the share of the preset's images (and steps), its batc
     "3/7 of the images, the same batch, lr x2.5": {"share": 3 / 7, "lr_scale": 2.5},
     "3/7 of the images, half the batch, lr x2.5": {"share": 3 / 7, "batch_scale": 0.5, "lr_scale": 2.5},
 }
+LAST_STAGES = ((160, 2), (128, 1), (96, 2))  # (channels, residual blocks) of the CNN's last stage; the preset's first
 BUDGET_KEYS = ("share", "batch_scale", "lr_scale")  # a budget row's changes, applied to the recipe, not the captioner
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
@@ -93,6 +98,8 @@ def rows(table: str) -> list[tuple[str, dict]]:
         return list(PRESET_MAPPERS.items())
     if table == "budget":
         return list(BUDGETS.items())
+    if table == "cnn":
+        return [(f"last stage: {c} channels, {n} block{'s' * (n > 1)}", {"last_stage": [c, n]}) for c, n in LAST_STAGES]
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
@@ -104,8 +111,13 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     from minivlm.train import TRAIN_PRESETS, train
 
     config = TRAIN_PRESETS[preset]
-    cnn_changes = {k: v for k, v in changes.items() if k in ("stem", "colour")}
-    if cnn_changes:  # a CNN preset of its own, for this process only: the preset's CNN with another stem or colour path
+    if "last_stage" in changes:  # the CNN's last stage with c channels and n residual blocks; the stages before it kept
+        (c, n), base = changes["last_stage"], CNN_PRESETS[config.captioner.cnn_preset]
+        changes = {**{k: v for k, v in changes.items() if k != "last_stage"},
+                   "widths": (*base.widths[:-1], c), "blocks": (*base.blocks[:-1], n)}  # fmt: skip
+    cnn_changes = {k: v for k, v in changes.items() if k in ("stem", "colour", "widths", "blocks")}
+    if cnn_changes:  # a CNN preset of its own, for this process only: the preset's CNN with another stem, colour
+        # path or last stage
         cnn = ", ".join([config.captioner.cnn_preset, *(f"{k} {v}" for k, v in cnn_changes.items())])
         CNN_PRESETS[cnn] = replace(CNN_PRESETS[config.captioner.cnn_preset], **cnn_changes)
         changes = {**{k: v for k, v in changes.items() if k not in cnn_changes}, "cnn_preset": cnn}

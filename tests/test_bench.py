@@ -106,6 +106,26 @@ def test_captioner_colour_table_trains_the_preset_with_and_without_a_colour_path
     assert set(with_colour["metrics"]) == {"test", "heldout"}
 
 
+def test_captioner_cnn_table_trains_the_preset_with_cheaper_last_stages(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from minivlm.cnn import CNN_PRESETS
+
+    preset = CNN_PRESETS["cpu"]
+    assert bench.rows("cnn")[0][1] == {"last_stage": [preset.widths[-1], preset.blocks[-1]]}  # the preset comes first
+    assert len(bench.rows("cnn")) == len(set(bench.LAST_STAGES)) > 1
+    tiny = CNN_PRESETS["tiny"]
+    names = [f"tiny, widths {(*tiny.widths[:-1], c)}, blocks {(*tiny.blocks[:-1], n)}" for c, n in ((32, 1), (16, 2))]
+    for name in names:  # the entries a run adds are removed afterwards
+        monkeypatch.setitem(CNN_PRESETS, name, None)
+    wide, narrow = (bench.run_one("tiny", 2, 4, {"last_stage": stage}) for stage in ([32, 1], [16, 2]))
+    assert CNN_PRESETS[names[1]] == replace(tiny, widths=(8, 16, 16), blocks=(0, 1, 2))  # the earlier stages kept
+    # twice the channels in one block against two blocks: the mapper reads the wider stage's channels in every cell
+    assert wide["trained_parameters"] > narrow["trained_parameters"]
+    assert set(narrow["metrics"]) == {"test", "heldout"}
+
+
 def test_captioner_mapper_table_trains_the_preset_with_one_prefix_and_with_a_vector_per_cell():
     spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
     bench = importlib.util.module_from_spec(spec)
