@@ -77,8 +77,8 @@ BUDGETS = {  # row label: the share of the preset's images (and steps), its batc
     "3/7 of the images, the same batch, lr x2.5": {"share": 3 / 7, "lr_scale": 2.5},
     "3/7 of the images, half the batch, lr x2.5": {"share": 3 / 7, "batch_scale": 0.5, "lr_scale": 2.5},
 }
-LAST_STAGES = ((160, 2), (128, 1), (96, 2))  # (channels, residual blocks) of the CNN's last stage; the preset's first
 BUDGET_KEYS = ("share", "batch_scale", "lr_scale")  # a budget row's changes, applied to the recipe, not the captioner
+LAST_STAGES = ((160, 2), (128, 1), (96, 2))  # (channels, residual blocks) of the CNN's last stage; the preset's first
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
