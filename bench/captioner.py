@@ -1,7 +1,7 @@
 """The captioner, measured: the controls, the ablation over prefix length and mapper, the stem, the depth, the colour,
-the mapper of the preset, the budget, the CNN's last stage.
+the mapper of the preset, the budget, the CNN's last stage, the precision.
 
-Eight tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+Nine tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
 (pretrained once, or read from the cache) and scored on new test and held-out images:
 
 - `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
@@ -26,6 +26,8 @@ Eight tables, each row a captioner trained from scratch (`minivlm.train.train`) 
 - `--table cnn`: the preset's CNN beside cheaper last stages (`CNNConfig.widths` and `blocks`: fewer channels or
   one residual block fewer at 4 x 4, where half of the CNN's FLOPs are): what a cheaper, faster step costs in
   captions.
+- `--table precision`: the preset in float32 beside the same under bfloat16 autocast (`TrainConfig.precision`):
+  what a CPU with bfloat16 instructions (`minivlm.train.native_bf16`) buys in time and costs in captions.
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -40,6 +42,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table budget --threads 2    # the preset and 2 shorter runs (about 25 minutes)
     .venv/bin/python bench/captioner.py --table budget --seed 1       # the same from another init and batch order
     .venv/bin/python bench/captioner.py --table cnn --threads 2       # 3 runs of the cpu preset (about 35 minutes)
+    .venv/bin/python bench/captioner.py --table precision --threads 2 # 2 runs of the cpu preset (about 30 minutes)
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -56,7 +59,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget", "cnn")
+TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget", "cnn", "precision")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -79,6 +82,7 @@ BUDGETS = {  # row label: the share of the preset's images (and steps), its batc
 }
 BUDGET_KEYS = ("share", "batch_scale", "lr_scale")  # a budget row's changes, applied to the recipe, not the captioner
 LAST_STAGES = ((160, 2), (128, 1), (96, 2))  # (channels, residual blocks) of the CNN's last stage; the preset's first
+PRECISION_ROWS = {"float32": "fp32", "bfloat16 autocast": "bf16"}  # row label: TrainConfig.precision
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -100,6 +104,8 @@ def rows(table: str) -> list[tuple[str, dict]]:
         return list(BUDGETS.items())
     if table == "cnn":
         return [(f"last stage: {c} channels, {n} block{'s' * (n > 1)}", {"last_stage": [c, n]}) for c, n in LAST_STAGES]
+    if table == "precision":
+        return [(label, {"precision": p}) for label, p in PRECISION_ROWS.items()]
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
@@ -133,7 +139,8 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training
     if changes.get("prefix_depth") == "every":  # the LM's every block
         changes = {**changes, "prefix_depth": len(lm.transformer.h)}
-    trainer = {k: v for k, v in changes.items() if k in ("lm_init", "seed")}  # TrainConfig's; the rest the captioner's
+    trainer = {k: v for k, v in changes.items() if k in ("lm_init", "seed", "precision")}  # TrainConfig's; the rest
+    # the captioner's
     vision = {k: v for k, v in changes.items() if k not in trainer}
     config = replace(config, captioner=replace(config.captioner, **vision), **trainer)
     cuda = torch.cuda.is_available()
@@ -151,6 +158,7 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
         "batch_size": config.batch_size,
         "train_images": config.train_images,
         "lr": config.lr,
+        "precision": config.precision,
         "train_seconds": round(seconds, 1),
         "images_per_second": round(config.steps * config.batch_size / seconds, 1),
         "trained_parameters": sum(p.numel() for p in captioner.trainable_parameters()),

@@ -54,7 +54,7 @@ from minivlm.captioner import Captioner, CaptionerConfig
 from minivlm.decoding import beam_search, greedy
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.prefix import DeepPrefixLM, embedding_scale
-from minivlm.train import TRAIN_PRESETS
+from minivlm.train import TRAIN_PRESETS, native_bf16
 
 # Dense bfloat16 peak of each GPU, TFLOP/s, from the vendor's data sheet; the first name found in
 # torch.cuda.get_device_name() wins, so the more specific names come first. No entry: MFU is "n/a".
@@ -97,6 +97,7 @@ SETUPS = {
 }
 PADDED = "frozen, one padded batch"  # section 4's extra row for a setup with length groups
 WHOLE = "frozen, prefix run whole"  # and for a prefix read by every block, without `DeepPrefixLM.prefix_cache`
+BF16 = "frozen, bf16 autocast"  # and for a float32 setup on a CPU with bfloat16 instructions (`native_bf16`)
 
 
 class WholePrefixLM(DeepPrefixLM):
@@ -361,9 +362,12 @@ def step_memory(step: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
-def matmul_speed(n: int, device: torch.device) -> dict:
-    """The speed of one large matrix product, n x n by n x n: what this device's FLOPs can reach in practice."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_speed(n: int, device: torch.device, bf16: bool | None = None) -> dict:
+    """The speed of one large matrix product, n x n by n x n: what this device's FLOPs can reach in practice.
+
+    In bfloat16 on a GPU and in float32 on a CPU, unless `bf16` says which.
+    """
+    dtype = torch.bfloat16 if (device.type == "cuda" if bf16 is None else bf16) else torch.float32
     a, b = torch.randn(2, n, n, device=device, dtype=dtype).unbind(0)
     seconds = best_seconds({"mm": lambda: a @ b}, rounds=5, warmup=2, device=device)["mm"]
     return dict(n=n, dtype=str(dtype).removeprefix("torch."), tflops=2 * n**3 / seconds / 1e12)
@@ -403,16 +407,19 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
             variants.append((PADDED, False, replace(setup, length_groups=0)))
             if setup.captioner.prefix_depth > 1:  # and what the prefix as keys and values saves, where it applies
                 variants.append((WHOLE, False, replace(setup, prefix_cache=False)))
+        if device.type == "cpu" and not setup.bf16 and native_bf16(device):  # what the CPU's bf16 instructions buy
+            variants.append((BF16, False, replace(setup, bf16=True)))
         for label, train_lm, variant in variants:
             steps[label], rows[label] = prepare_training(variant, train_lm, device)
         warmup, rounds = sizes.train_steps
         seconds = best_seconds(steps, rounds, warmup, device)  # one step of each in turn
         matmul, peak = matmul_speed(sizes.matmul_size, device), peak_tflops(device)
+        matmul_bf16 = matmul_speed(sizes.matmul_size, device, bf16=True) if BF16 in rows else None
         for label, row in rows.items():
             row.update(step_s=seconds[label], images_per_s=setup.batch_size / seconds[label])
             row["achieved_tflops"] = row["flops_per_image"] * row["images_per_s"] / 1e12
             row["mfu"] = row["achieved_tflops"] / peak if peak else None
-            row["of_matmul"] = row["achieved_tflops"] / matmul["tflops"]
+            row["of_matmul"] = row["achieved_tflops"] / (matmul_bf16 if label == BF16 else matmul)["tflops"]
         frozen, tuned = rows["frozen"], rows["fine-tuned"]
         saved = dict(speed=frozen["images_per_s"] / tuned["images_per_s"],
                      memory_mb=tuned["step_memory_mb"] - frozen["step_memory_mb"])  # fmt: skip
@@ -434,18 +441,24 @@ def bench_training(sizes: Sizes, device: torch.device) -> list[dict]:
             saved["prefix_cache_speed"] = frozen["images_per_s"] / rows[WHOLE]["images_per_s"]
             print(f"  prefix as keys and values: {saved['prefix_cache_speed']:.2f}x the images/s of running the "
                   f"prefix positions through every block ({WHOLE!r})")  # fmt: skip
+        if BF16 in rows:
+            saved["bf16_speed"] = rows[BF16]["images_per_s"] / frozen["images_per_s"]
+            print(f"  bf16 autocast: {saved['bf16_speed']:.2f}x the images/s of float32 ({BF16!r}; a bfloat16 "
+                  f"{matmul_bf16['n']}^3 matrix product: {matmul_bf16['tflops']:.3f} TFLOP/s, "
+                  f"{matmul_bf16['tflops'] / matmul['tflops']:.2f}x the float32 one)")  # fmt: skip
         print("  step MB: tensor memory the first step adds (kept activations, gradients, AdamW state)")
         print("  GFLOP/image: matrix products and convolutions, forward + backward, counted; forward by part: "
               + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in frozen["forward_flops_per_image"].items()))
         print(f"  of matmul: share of the {matmul['tflops']:.3f} TFLOP/s a {matmul['dtype']} {matmul['n']}^3 matrix "
-              f"product reaches here; MFU: share of the datasheet's dense bf16 peak, "
+              f"product reaches here{' (for the bf16 row: the bfloat16 one)' if matmul_bf16 else ''}; "
+              f"MFU: share of the datasheet's dense bf16 peak, "
               f"{f'{peak} TFLOP/s' if peak else 'not known for this device'}")  # fmt: skip
         if name == "gpu-224":
             print("  target: MFU >= 40% on an H100, LM frozen")
         results.append(dict(setup=name, batch_size=setup.batch_size, image_size=setup.captioner.image_size,
                             bf16=setup.bf16, compiled=setup.compile, matmul=matmul, peak_tflops=peak,
                             frozen=frozen, fine_tuned=tuned, padded=rows.get(PADDED), whole_prefix=rows.get(WHOLE),
-                            saves=saved))  # fmt: skip
+                            bf16_autocast=rows.get(BF16), matmul_bf16=matmul_bf16, saves=saved))  # fmt: skip
     return results
 
 

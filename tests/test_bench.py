@@ -10,6 +10,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from minivlm.train import native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -126,6 +130,25 @@ def test_captioner_cnn_table_trains_the_preset_with_cheaper_last_stages(monkeypa
     assert set(narrow["metrics"]) == {"test", "heldout"}
 
 
+def test_captioner_precision_table_trains_the_preset_in_float32_and_under_bf16_autocast(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import minivlm.train
+
+    assert [changes for _, changes in bench.rows("precision")] == [{"precision": "fp32"}, {"precision": "bf16"}]
+    autocast, train = [], minivlm.train.train
+
+    def spy(config, **kwargs):  # what each run trains with: bf16 autocast on the CPU or not
+        autocast.append(config.bf16(torch.device("cpu")))
+        return train(config, **kwargs)
+
+    monkeypatch.setattr(minivlm.train, "train", spy)
+    fp32, bf16 = (bench.run_one("tiny", 2, 4, changes) for _, changes in bench.rows("precision"))
+    assert autocast == [False, True] and (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert set(bf16["metrics"]) == {"test", "heldout"}
+
+
 def test_captioner_mapper_table_trains_the_preset_with_one_prefix_and_with_a_vector_per_cell():
     spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
     bench = importlib.util.module_from_spec(spec)
@@ -211,6 +234,12 @@ def test_perf_benchmark_quick_run_prints_every_ratio(tmp_path):
     # its prefix is read by both blocks of the tiny LM: as keys and values, positions 0 .. P-2 skip the rest of the LM
     assert tiny["whole_prefix"]["flops_per_image"] > tiny["frozen"]["flops_per_image"]
     assert tiny["saves"]["prefix_cache_speed"] > 0 and results["training"][1]["whole_prefix"] is None
+    for t in results["training"]:  # on a CPU with bfloat16 instructions, each setup under bf16 autocast too
+        bf16 = t["bf16_autocast"]
+        assert (bf16 is not None) == native_bf16(torch.device("cpu"))
+        if bf16 is not None:  # the same FLOPs, in bfloat16, compared with a bfloat16 matrix product
+            assert bf16["flops_per_image"] == t["frozen"]["flops_per_image"] and t["saves"]["bf16_speed"] > 0
+            assert t["matmul_bf16"]["dtype"] == "bfloat16" and t["matmul"]["dtype"] == "float32"
 
 
 def test_perf_flop_count_is_the_textbook_formula(monkeypatch):
