@@ -15,7 +15,8 @@
    FLOPs/s divided by the device's peak is the model FLOP utilisation (MFU). On the CPU this is the
    course's configuration (`TRAIN_PRESETS["cpu"]`: the course LM, 32 px, batch 64); on a GPU the 224 px
    one (GPT-2 124M with random weights, bfloat16, torch.compile), where the target is MFU >= 40% on an
-   H100.
+   H100. On a CPU with bfloat16 instructions (`minivlm.train.native_bf16`) the frozen step also runs under
+   bfloat16 autocast, beside a bfloat16 matrix product.
 
 Each time is the fastest of several calls, taken in turns with its rivals after warm-up calls (see
 `best_seconds`). Run from the repository root:
