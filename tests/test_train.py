@@ -290,3 +290,17 @@ def test_course_captioner_trains_once_into_the_cache_then_loads(tmp_path, monkey
     assert [p.name for p in (tmp_path / "cache" / "captioner").iterdir()] == entries
     with pytest.raises(ValueError, match="unknown training preset"):
         T.course_captioner("huge")
+
+
+def test_native_bf16_asks_the_cpu_for_avx512_bf16_or_amx_and_never_changes_auto(monkeypatch):
+    """A GPU counts as native; a CPU by torch.cpu's checks, and not at all where this torch lacks them."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert T.native_bf16(cuda) and not T.native_bf16(torch.device("meta"))
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert T.native_bf16(cpu) == (avx512_bf16 or amx)
+        assert not TrainConfig().bf16(cpu) and TrainConfig(precision="bf16").bf16(cpu)  # "auto": float32 on a CPU
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not T.native_bf16(cpu)  # an older torch without the checks: assume none
