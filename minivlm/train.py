@@ -149,7 +149,7 @@ class TrainConfig:
         """Whether the forward pass runs under bfloat16 autocast here ("auto": on a GPU, never on a CPU).
 
         On a CPU with bfloat16 instructions (`native_bf16`) the cpu preset gained 5% a step under autocast
-        and 8% of a whole run (`bench/perf.py`, `bench/captioner.py --table precision`): not worth a
+        and 5-8% of a whole run (`bench/perf.py`, `bench/captioner.py --table precision`): not worth a
         default that trains differently on CPUs with and without them.
         """
         return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
