@@ -111,9 +111,7 @@ def test_captioner_colour_table_trains_the_preset_with_and_without_a_colour_path
 
 
 def test_captioner_cnn_table_trains_the_preset_with_cheaper_last_stages(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("captioner.py", monkeypatch)
     from minivlm.cnn import CNN_PRESETS
 
     preset = CNN_PRESETS["cpu"]
@@ -131,9 +129,7 @@ def test_captioner_cnn_table_trains_the_preset_with_cheaper_last_stages(monkeypa
 
 
 def test_captioner_precision_table_trains_the_preset_in_float32_and_under_bf16_autocast(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("captioner.py", monkeypatch)
     import minivlm.train
 
     assert [changes for _, changes in bench.rows("precision")] == [{"precision": "fp32"}, {"precision": "bf16"}]
