@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "prompts; 0: none (default: the preset's)")  # fmt: skip
     train.add_argument("--lm", metavar="SPEC", help="the LM: 'course[:preset]', a hub name such as 'gpt2', or a "
                        "save_pretrained directory (default: the preset's)")  # fmt: skip
+    train.add_argument("--seed", type=non_negative_int, help="the vision side's init and the batch order (default: "
+                       "the preset's, 0); the held-out split's exact match moves with it (README)")  # fmt: skip
     train.add_argument("--out", default="runs/captioner", metavar="DIR",
                        help="checkpoint folder (default: runs/captioner)")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -213,12 +215,14 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
 
 
 def train_config(preset: str, steps: int | None = None, *, lm: str | None = None, lm_init: str | None = None,
-                 compile: bool | None = None, word_alignment: float | None = None, **captioner_changes):  # fmt: skip
+                 compile: bool | None = None, word_alignment: float | None = None, seed: int | None = None,
+                 **captioner_changes):  # fmt: skip
     """A TRAIN_PRESETS config with the options given on the command line (None: the preset's) changed."""
     from minivlm.train import TRAIN_PRESETS
 
     config = TRAIN_PRESETS[preset]
-    given = (("lm", lm), ("lm_init", lm_init), ("compile", compile), ("word_alignment", word_alignment))
+    given = (("lm", lm), ("lm_init", lm_init), ("compile", compile), ("word_alignment", word_alignment),
+             ("seed", seed))
     changes = {k: v for k, v in given if v is not None}
     if steps is not None:
         changes |= {"steps": steps, "warmup": min(config.warmup, steps // 10)}
@@ -233,8 +237,8 @@ def run_train(args: argparse.Namespace) -> int:
     from minivlm.train import train
 
     config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, compile=args.compile,
-                          word_alignment=args.word_alignment, mapper=args.mapper, prefix_length=args.prefix_length,
-                          prefix_depth=args.prefix_depth, word_view=args.word_view,
+                          word_alignment=args.word_alignment, seed=args.seed, mapper=args.mapper,
+                          prefix_length=args.prefix_length, prefix_depth=args.prefix_depth, word_view=args.word_view,
                           train_lm=args.train_lm or None)  # fmt: skip
     out = Path(args.out)
     with distributed.process_group():  # under torchrun: train() finds the group up; rank 0 reports below
