@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from minivlm.cnn import CNNConfig
 from minivlm.train import native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,3 +416,84 @@ def test_diagnose_shuffled_captions_are_true_captions_in_random_orders(monkeypat
     assert all(c in true_captions(sc) for c, sc in zip(shuffled, scenes))
     moved = sum(c != S.caption(sc) for c, sc in zip(shuffled, scenes))
     assert 50 < moved < 150  # multi-object scenes (two in three) in another order about half the time or more
+
+
+def test_errors_quick_run_prints_the_three_measurements(tmp_path):
+    stdout, results = quick_run("errors.py", tmp_path)
+    for heading in ("1. exact match by the number of objects", "2. kinds of wrong caption", "3. the held-out pair"):
+        assert heading in stdout
+    assert set(results["by_count"]) == {"test", "heldout"} and results["images"] == 60
+    for split in ("test", "heldout"):
+        kinds = results["kinds"][split]
+        assert math.isclose(sum(kinds[k] for k in kinds if k.startswith(("objects right", "size", "colour", "shape",
+                                                                          "number", "not a"))
+                                and "within" not in k), kinds["wrong"])  # fmt: skip
+        assert sum(row["images"] for row in results["by_count"][split].values()) == 60
+    held = results["held_out"]
+    assert sum(row["objects"] for row in held["by_count"].values()) == 60  # one held-out object per scene
+    assert all(0 <= p <= 1 for p in held["probe"].values())
+
+
+def near_threshold_scene(bench, gap_short_by: float):
+    """Three small objects in a row; the last two boxes are `gap_short_by` pixels (at 32 px) closer than GAP allows.
+
+    So the blue square and the green triangle stand in no clear relation, no caption may name them one after the
+    other, and the world starts from the square: "... square to the right of ... circle, which is to the left of ..."
+    """
+    S = bench.S
+    a = S.Obj("circle", "red", "small", 0.2, 0.5)
+    b = S.Obj("square", "blue", "small", 0.5, 0.5)
+    c = S.Obj("triangle", "green", "small", 0.5 + 2 * S.RADIUS["small"] + S.GAP - gap_short_by / 32, 0.5)
+    return S.canonical(S.Scene((a, b, c), ("to the left of", "to the left of")))
+
+
+def test_errors_kinds_name_what_a_wrong_caption_gets_wrong(monkeypatch):
+    bench = load_bench("errors.py", monkeypatch)
+    scene = near_threshold_scene(bench, 0.3)
+    truth = bench.S.caption(scene)
+    assert truth.startswith("a small blue square to the right of a small red circle") and bench.error_kind(
+        truth, scene) is None  # fmt: skip
+    in_a_row = "a small red circle to the left of a small blue square, which is to the left of a small green triangle."
+    assert bench.error_kind(in_a_row, scene) == bench.KINDS[0]  # every object right; B, C too close to be neighbours
+    assert bench.error_kind(truth.replace("small blue square", "large blue square"), scene) == "size wrong"
+    assert bench.error_kind(truth.replace("red circle", "purple circle"), scene) == "colour wrong"
+    assert bench.error_kind(truth.replace("green triangle", "green diamond"), scene) == "shape wrong"
+    named_twice = truth.replace("green triangle", "blue square")  # a true object twice, the triangle never
+    assert bench.error_kind(named_twice, scene) in ("colour wrong", "shape wrong")
+    assert bench.error_kind("a small red circle.", scene) == "number of objects"
+    assert bench.error_kind("a red a red", scene) == "not a caption"
+
+
+def test_errors_a_caption_true_after_moving_the_objects_a_fraction_of_a_pixel(monkeypatch):
+    bench = load_bench("errors.py", monkeypatch)
+    in_a_row = "a small red circle to the left of a small blue square, which is to the left of a small green triangle."
+    scene = near_threshold_scene(bench, 0.3)  # the square and triangle 0.3 px too close to be neighbours
+    assert bench.true_after_moving(in_a_row, scene, 0.5, 32)  # moved apart by up to 2 x 0.5 px, they are
+    assert not bench.true_after_moving(in_a_row, scene, 0.1, 32)  # by up to 0.2 px, not yet
+    far = near_threshold_scene(bench, 3.0)  # 3 px too close: no half-pixel move makes the caption true
+    assert not bench.true_after_moving(in_a_row, far, 0.5, 32)
+    kinds = bench.kinds_of_error([in_a_row, bench.S.caption(scene)], [scene, scene], 32)
+    assert kinds["wrong"] == 0.5 and kinds[bench.KINDS[0]] == 0.5
+    assert kinds[f"{bench.KINDS[0]}, true within 0.5 px"] == 0.5 and kinds[f"{bench.KINDS[0]}, true within 1 px"] == 0.5
+
+
+def test_errors_held_out_shapes_and_the_probe_rows(monkeypatch):
+    bench = load_bench("errors.py", monkeypatch)
+    S = bench.S
+    alone = S.Scene((S.Obj("triangle", "red", "large", 0.3, 0.6),), ())
+    pair = S.canonical(S.Scene((S.Obj("diamond", "green", "small", 0.2, 0.5), S.Obj("circle", "yellow", "large", 0.7,
+                                                                                     0.5)), ("to the left of",)))  # fmt: skip
+    said = [S.caption(alone), S.caption(pair).replace("green diamond", "green circle")]
+    held = bench.held_out_shapes(said, [alone, pair])
+    assert held["by_count"] == {1: {"objects": 1, "shape right": 1.0}, 2: {"objects": 1, "shape right": 0.0}}
+    assert held["wrong_shapes"]["green diamond"] == {"circle": 1} and held["wrong_shapes"]["red triangle"] == {}
+    assert bench.shape_said("no caption", "red") == "-"
+    assert bench.centre_cell(alone.objects[0], 4) == 2 * 4 + 1 and bench.centre_cell(S.Obj("circle", "red", "small",
+                                                                                          1.0, 1.0), 4) == 15  # fmt: skip
+    encoder = bench.SmallCNN(CNNConfig(widths=(8, 16, 32), blocks=(0, 1, 1), colour=8))  # a cell: 32 + 8 features
+    features = torch.arange(2 * encoder.out_dim, dtype=torch.float32).reshape(2, encoder.out_dim)
+    rows, shapes = bench.cell_rows(features, [alone, pair], encoder, lambda o: True)
+    assert rows.shape == (3, 32) and shapes.tolist() == [S.SHAPES.index(s) for s in ("triangle", "diamond", "circle")]
+    assert torch.equal(rows[0], features[0, 9 * 40 : 9 * 40 + 32])  # cell 9 of image 0, its shape channels only
+    rows, _ = bench.cell_rows(features, [alone, pair], encoder, lambda o: (o.colour, o.shape) in S.HELD_OUT_PAIRS)
+    assert len(rows) == 2 and torch.equal(rows[1], features[1, 8 * 40 : 8 * 40 + 32])  # the green diamond's cell
