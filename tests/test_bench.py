@@ -462,6 +462,9 @@ def test_errors_kinds_name_what_a_wrong_caption_gets_wrong(monkeypatch):
     assert bench.error_kind(named_twice, scene) in ("colour wrong", "shape wrong")
     assert bench.error_kind("a small red circle.", scene) == "number of objects"
     assert bench.error_kind("a red a red", scene) == "not a caption"
+    # in any order, the row names all three objects right; one colour wrong names two; no caption, none
+    said = [in_a_row, truth.replace("red circle", "purple circle"), "a red a red"]
+    assert bench.objects_named(said, [scene] * 3) == (3 + 2 + 0) / 9
 
 
 def test_errors_a_caption_true_after_moving_the_objects_a_fraction_of_a_pixel(monkeypatch):
