@@ -1,4 +1,4 @@
-"""How the captioner's wrong captions are wrong, and where it loses the held-out pairs. Three measurements.
+"""How the captioner's wrong captions are wrong, and where it loses the held-out pairs. Four measurements.
 
 `bench/diagnose.py` found that the cpu captioner's errors are in scenes of three objects and, with an oracle
 vision side, that the frozen LM could say them. This script looks at the wrong captions themselves, on the
@@ -22,6 +22,12 @@ test split and on the held-out compositions (the evaluation scenes of `minivlm.r
    cell under its centre, trained on objects of training scenes and tested on the held-out objects: if it
    reads their shape where the caption misnames it, the encoder saw the shape and the loss is downstream,
    where the mapper and the LM pair colours with shapes.
+4. **Is it the colour?** The same held-out scenes with the held-out object painted purple (training images
+   pair purple with every shape; skipped where another object is purple), and, the other way round, test
+   scenes with a purple object painted the colour no training image gives its shape (a purple triangle
+   turned red, ...; skipped where another object has that colour). Nothing else in the image changes: the
+   colour-blind shape path sees the same shapes. If the shape is named right in purple and wrongly in the
+   held-out colour, the colour is what misnames it.
 
 Run from the repository root:
     .venv/bin/python bench/errors.py                            # the cpu preset's captioner, from the cache
@@ -161,6 +167,40 @@ def held_out_shapes(predictions: Sequence[str], scenes: Sequence[S.Scene]) -> di
     return {"by_count": by_count, "wrong_shapes": {pair: dict(c.most_common()) for pair, c in wrong.items()}}
 
 
+HELD_OUT_COLOUR = {shape: colour for colour, shape in S.HELD_OUT_PAIRS}  # the colour no training image gives it
+FREE = "purple"  # the colour training images pair with every shape
+
+
+def repainted(scene: S.Scene, obj: S.Obj, colour: str) -> S.Scene | None:
+    """The scene with `obj` painted `colour` and nothing else changed; None if another object has that colour."""
+    if any(o.colour == colour for o in scene.objects if o is not obj):
+        return None
+    return S.Scene(tuple(replace(o, colour=colour) if o is obj else o for o in scene.objects), scene.relations)
+
+
+def images_of(scenes: Sequence[S.Scene], image_size: int) -> Tensor:
+    """(N, 3, S, S) float images in [0, 1], as `ShapesCaptions` feeds them to training."""
+    return torch.from_numpy(S.render_batch(scenes, image_size)).permute(0, 3, 1, 2).float() / 255
+
+
+def painted_pairs(scenes: dict[str, Sequence[S.Scene]]) -> dict[str, list[tuple[S.Scene, S.Scene, S.Obj]]]:
+    """(scene, the scene repainted, the object repainted) for both experiments of measurement 4.
+
+    "held-out object painted purple": each held-out scene's held-out object, in FREE; "purple object painted its
+    held-out colour": each test scene's FREE object, in the colour no training image gives its shape.
+    """
+    out: dict[str, list] = {"held-out object painted purple": [], "purple object painted its held-out colour": []}
+    for scene in scenes["heldout"]:
+        obj = held_out_object(scene)
+        if (new := repainted(scene, obj, FREE)) is not None:
+            out["held-out object painted purple"].append((scene, new, obj))
+    for scene in scenes["test"]:
+        obj = next((o for o in scene.objects if o.colour == FREE), None)
+        if obj is not None and (new := repainted(scene, obj, HELD_OUT_COLOUR[obj.shape])) is not None:
+            out["purple object painted its held-out colour"].append((scene, new, obj))
+    return out
+
+
 def centre_cell(obj: S.Obj, grid: int) -> int:
     """The index (row-major) of the grid cell under the object's centre."""
     return min(int(obj.y * grid), grid - 1) * grid + min(int(obj.x * grid), grid - 1)
@@ -256,6 +296,25 @@ def main() -> None:
     print("shapes said for held-out objects named wrongly ('-': no object of that colour named):")
     for pair, said in held["wrong_shapes"].items():
         print(f"  {pair:<16} {', '.join(f'{s} {n}' for s, n in said.items()) or 'none'}")
+
+    painted = results["painted"] = {}
+    print("\n4. the same scenes with one object repainted, nothing else changed: that object's shape named right (%)")
+    print(f"{'':<44}{'objects in the scene':>22}{'scenes':>8}{'before':>9}{'after':>9}")
+    for name, rows in painted_pairs(scenes).items():
+        painted[name] = {}
+        for k in COUNTS:
+            chosen = [(before, after, obj) for before, after, obj in rows if len(before.objects) == k]
+            if not chosen:
+                continue
+            said = generate(captioner, images_of([after for _, after, _ in chosen], size), tokenizer, config.max_length)
+            said_before = generate(captioner, images_of([b for b, _, _ in chosen], size), tokenizer, config.max_length)
+            before = after = 0
+            for p_before, p_after, (b, a, obj) in zip(said_before, said, chosen):
+                before += shape_said(p_before, obj.colour) == obj.shape
+                after += shape_said(p_after, a.objects[b.objects.index(obj)].colour) == obj.shape
+            painted[name][k] = {"scenes": len(chosen), "before": before / len(chosen), "after": after / len(chosen)}
+            row = painted[name][k]
+            print(f"{name:<44}{k:>22}{len(chosen):>8}{100 * row['before']:>9.1f}{100 * row['after']:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

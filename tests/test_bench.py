@@ -418,9 +418,10 @@ def test_diagnose_shuffled_captions_are_true_captions_in_random_orders(monkeypat
     assert 50 < moved < 150  # multi-object scenes (two in three) in another order about half the time or more
 
 
-def test_errors_quick_run_prints_the_three_measurements(tmp_path):
+def test_errors_quick_run_prints_the_four_measurements(tmp_path):
     stdout, results = quick_run("errors.py", tmp_path)
-    for heading in ("1. exact match by the number of objects", "2. kinds of wrong caption", "3. the held-out pair"):
+    for heading in ("1. exact match by the number of objects", "2. kinds of wrong caption", "3. the held-out pair",
+                    "4. the same scenes with one object repainted"):
         assert heading in stdout
     assert set(results["by_count"]) == {"test", "heldout"} and results["images"] == 60
     for split in ("test", "heldout"):
@@ -432,6 +433,8 @@ def test_errors_quick_run_prints_the_three_measurements(tmp_path):
     held = results["held_out"]
     assert sum(row["objects"] for row in held["by_count"].values()) == 60  # one held-out object per scene
     assert all(0 <= p <= 1 for p in held["probe"].values())
+    painted = results["painted"]["held-out object painted purple"]
+    assert painted and all(row["scenes"] > 0 and 0 <= row["after"] <= 1 for row in painted.values())
 
 
 def near_threshold_scene(bench, gap_short_by: float):
@@ -500,3 +503,29 @@ def test_errors_held_out_shapes_and_the_probe_rows(monkeypatch):
     assert torch.equal(rows[0], features[0, 9 * 40 : 9 * 40 + 32])  # cell 9 of image 0, its shape channels only
     rows, _ = bench.cell_rows(features, [alone, pair], encoder, lambda o: (o.colour, o.shape) in S.HELD_OUT_PAIRS)
     assert len(rows) == 2 and torch.equal(rows[1], features[1, 8 * 40 : 8 * 40 + 32])  # the green diamond's cell
+
+
+def test_errors_repaints_one_object_and_nothing_else(monkeypatch):
+    bench = load_bench("errors.py", monkeypatch)
+    S = bench.S
+    diamond, circle = S.Obj("diamond", "green", "small", 0.2, 0.5), S.Obj("circle", "purple", "large", 0.7, 0.5)
+    held = S.canonical(S.Scene((diamond, circle), ("to the left of",)))  # a held-out scene: a green diamond
+    assert bench.repainted(held, diamond, "purple") is None  # the circle is purple already: skipped
+    painted = bench.repainted(held, diamond, "red")
+    assert [o.colour for o in painted.objects] == ["red", "purple"] and painted.relations == held.relations
+    assert [(o.shape, o.size, o.x, o.y) for o in painted.objects] == [(o.shape, o.size, o.x, o.y) for o in held.objects]
+    triangle = S.Obj("triangle", "red", "small", 0.2, 0.5)
+    test = S.canonical(S.Scene((triangle, circle), ("to the left of",)))  # a test scene with a purple circle
+    pairs = bench.painted_pairs({"heldout": [held, S.Scene((S.Obj("square", "yellow", "small", 0.5, 0.5),), ())],
+                                 "test": [test]})  # fmt: skip
+    purple = pairs["held-out object painted purple"]
+    assert len(purple) == 1 and purple[0][1].objects[0] == replace(S.Obj("square", "yellow", "small", 0.5, 0.5),
+                                                                   colour="purple")  # fmt: skip
+    (before, after, obj), = pairs["purple object painted its held-out colour"]
+    assert before is test and obj == circle and after.objects[1].colour == "blue" == bench.HELD_OUT_COLOUR["circle"]
+    images = bench.images_of([test, after], 32)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    world = S.ShapesWorld("test", 32, 1, 1)
+    assert torch.equal(bench.images_of([world.scene(0)], 32)[0], bench.ShapesCaptions(world)[0][0])  # as training
+    blue = S.canonical(S.Scene((replace(triangle, colour="blue"), circle), ("to the left of",)))
+    assert bench.painted_pairs({"heldout": [], "test": [blue]})["purple object painted its held-out colour"] == []
