@@ -70,19 +70,15 @@ def test_captioner_benchmark_quick_run_prints_the_controls(tmp_path):
     assert random_lm["final_loss"] > frozen["final_loss"]  # a random LM gives the prefix nothing to steer
 
 
-def test_captioner_ablation_covers_every_prefix_length_and_mapper():
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_captioner_ablation_covers_every_prefix_length_and_mapper(monkeypatch):
+    bench = load_bench("captioner.py", monkeypatch)
     changes = [c for _, c in bench.rows("ablation")]
     assert {(c["prefix_length"], c["mapper"]) for c in changes} == {(p, m) for p in (1, 2, 4, 8)
                                                                    for m in ("linear", "mlp", "transformer")}
 
 
 def test_captioner_stem_table_trains_the_preset_with_each_stem(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("captioner.py", monkeypatch)
     assert [c for _, c in bench.rows("stem")] == [{"stem": 0}, {"stem": 16}, {"stem": 32}]
     from minivlm.cnn import CNN_PRESETS
 
@@ -97,9 +93,7 @@ def test_captioner_stem_table_trains_the_preset_with_each_stem(monkeypatch):
 
 
 def test_captioner_colour_table_trains_the_preset_with_and_without_a_colour_path(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("captioner.py", monkeypatch)
     assert [c for _, c in bench.rows("colour")] == [{"colour": 0}, {"colour": 16}]
     from minivlm.cnn import CNN_PRESETS
 
@@ -146,10 +140,8 @@ def test_captioner_precision_table_trains_the_preset_in_float32_and_under_bf16_a
     assert set(bf16["metrics"]) == {"test", "heldout"}
 
 
-def test_captioner_mapper_table_trains_the_preset_with_one_prefix_and_with_a_vector_per_cell():
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_captioner_mapper_table_trains_the_preset_with_one_prefix_and_with_a_vector_per_cell(monkeypatch):
+    bench = load_bench("captioner.py", monkeypatch)
     assert [c for _, c in bench.rows("mapper")] == [{"mapper": "mlp", "prefix_length": 4},
                                                     {"mapper": "linear", "prefix_length": 4},
                                                     {"mapper": "grid", "prefix_length": 16}]  # fmt: skip
@@ -162,10 +154,8 @@ def test_captioner_mapper_table_trains_the_preset_with_one_prefix_and_with_a_vec
     assert set(per_cell["metrics"]) == {"test", "heldout"}
 
 
-def test_captioner_budget_table_trains_the_preset_on_a_share_of_its_images():
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_captioner_budget_table_trains_the_preset_on_a_share_of_its_images(monkeypatch):
+    bench = load_bench("captioner.py", monkeypatch)
     from minivlm.train import TRAIN_PRESETS
 
     preset = TRAIN_PRESETS["cpu"]
@@ -181,10 +171,8 @@ def test_captioner_budget_table_trains_the_preset_on_a_share_of_its_images():
     assert set(half["metrics"]) == {"test", "heldout"}
 
 
-def test_captioner_depth_table_gives_every_block_its_own_prefix():
-    spec = importlib.util.spec_from_file_location("bench_captioner", ROOT / "bench" / "captioner.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_captioner_depth_table_gives_every_block_its_own_prefix(monkeypatch):
+    bench = load_bench("captioner.py", monkeypatch)
     assert [c for _, c in bench.rows("depth")] == [{"prefix_depth": 1}, {"prefix_depth": 2}, {"prefix_depth": "every"}]
     shallow, every = (bench.run_one("tiny", 2, 4, {"prefix_depth": k}) for k in (1, "every"))
     from minivlm.captioner import CAPTIONER_PRESETS
@@ -296,10 +284,8 @@ def test_fewshot_benchmark_quick_run_reports_every_cell(tmp_path):
     assert sum(row["images"] is not None for row in results["binding"]) >= 20  # most prompts fit the context
 
 
-def test_fewshot_benchmark_shows_images_in_words_where_the_captioner_has_a_word_view():
-    spec = importlib.util.spec_from_file_location("bench_fewshot", ROOT / "bench" / "fewshot.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_fewshot_benchmark_shows_images_in_words_where_the_captioner_has_a_word_view(monkeypatch):
+    bench = load_bench("fewshot.py", monkeypatch)
     import numpy as np
     import torch
 
