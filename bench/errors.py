@@ -11,10 +11,11 @@ test split and on the held-out compositions (the evaluation scenes of `minivlm.r
    relation on thresholds ("to the left of" needs the centres within 27° of level and the boxes GAP apart; a
    three-object scene starts with the leftmost object that begins a chain of clear relations), which a
    32-pixel image shows only to a fraction of a pixel. So for each caption with every object right, it asks
-   whether the caption is a true caption of the same scene with its objects moved by at most half a pixel
-   (or one pixel): those errors are the world's thresholds more than the captioner's sight. Last, the share
-   of objects named right (size, colour and shape) in any order: `evaluate`'s per-attribute scores compare
-   objects at the same place in the caption, so an order the world does not allow costs attributes too.
+   whether the caption is a true caption of the same scene with each centre moved by -d, 0 or +d along x
+   and along y, d half a pixel (or one pixel): those errors are the world's thresholds more than the
+   captioner's sight. Last, the share of objects named right (size, colour and shape) in any order:
+   `evaluate`'s per-attribute scores compare objects at the same place in the caption, so an order the
+   world does not allow costs attributes too.
 3. **The held-out pairs.** Each held-out scene holds one object of a colour–shape pair no training image
    has (a red triangle, ...). The shape the caption gives that object (the shape of the object it names in
    that colour), by the number of objects in the scene: alone in its image, the pair needs no binding of
