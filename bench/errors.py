@@ -285,8 +285,9 @@ def main() -> None:
     for k in COUNTS:
         rows = [i for i, sc in enumerate(scenes["heldout"]) if len(sc.objects) == k]
         if rows:
-            test_x, test_y = cell_rows(features["heldout"][rows], [scenes["heldout"][i] for i in rows],
-                                       captioner.encoder, lambda o: (o.colour, o.shape) in S.HELD_OUT_PAIRS)  # fmt: skip
+            held_out = [scenes["heldout"][i] for i in rows]
+            test_x, test_y = cell_rows(features["heldout"][rows], held_out, captioner.encoder,
+                                       lambda o: (o.colour, o.shape) in S.HELD_OUT_PAIRS)  # fmt: skip
             probe[k] = linear_probe(train_x, train_y, test_x, test_y)
     held["probe"] = probe
     print("\n3. the held-out pair's object: its shape named right by the caption, and read by a linear probe of the "

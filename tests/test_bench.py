@@ -473,15 +473,15 @@ def test_errors_held_out_shapes_and_the_probe_rows(monkeypatch):
     bench = load_bench("errors.py", monkeypatch)
     S = bench.S
     alone = S.Scene((S.Obj("triangle", "red", "large", 0.3, 0.6),), ())
-    pair = S.canonical(S.Scene((S.Obj("diamond", "green", "small", 0.2, 0.5), S.Obj("circle", "yellow", "large", 0.7,
-                                                                                     0.5)), ("to the left of",)))  # fmt: skip
+    diamond, circle = S.Obj("diamond", "green", "small", 0.2, 0.5), S.Obj("circle", "yellow", "large", 0.7, 0.5)
+    pair = S.canonical(S.Scene((diamond, circle), ("to the left of",)))
     said = [S.caption(alone), S.caption(pair).replace("green diamond", "green circle")]
     held = bench.held_out_shapes(said, [alone, pair])
     assert held["by_count"] == {1: {"objects": 1, "shape right": 1.0}, 2: {"objects": 1, "shape right": 0.0}}
     assert held["wrong_shapes"]["green diamond"] == {"circle": 1} and held["wrong_shapes"]["red triangle"] == {}
     assert bench.shape_said("no caption", "red") == "-"
-    assert bench.centre_cell(alone.objects[0], 4) == 2 * 4 + 1 and bench.centre_cell(S.Obj("circle", "red", "small",
-                                                                                          1.0, 1.0), 4) == 15  # fmt: skip
+    assert bench.centre_cell(alone.objects[0], 4) == 2 * 4 + 1  # row 2 (y = 0.6), column 1 (x = 0.3)
+    assert bench.centre_cell(replace(circle, x=1.0, y=1.0), 4) == 15  # the far edge is in the last cell
     encoder = bench.SmallCNN(CNNConfig(widths=(8, 16, 32), blocks=(0, 1, 1), colour=8))  # a cell: 32 + 8 features
     features = torch.arange(2 * encoder.out_dim, dtype=torch.float32).reshape(2, encoder.out_dim)
     rows, shapes = bench.cell_rows(features, [alone, pair], encoder, lambda o: True)
