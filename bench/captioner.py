@@ -1,7 +1,7 @@
 """The captioner, measured: the controls, the ablation over prefix length and mapper, the stem, the depth, the colour,
-the mapper of the preset, the budget, the CNN's last stage, the precision.
+the mapper of the preset, the budget, the CNN's last stage, the precision, the colour path's pooling.
 
-Nine tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+Ten tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
 (pretrained once, or read from the cache) and scored on new test and held-out images:
 
 - `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
@@ -28,6 +28,9 @@ Nine tables, each row a captioner trained from scratch (`minivlm.train.train`) a
   captions.
 - `--table precision`: the preset in float32 beside the same under bfloat16 autocast (`TrainConfig.precision`):
   what a CPU with bfloat16 instructions (`minivlm.train.native_bf16`) buys in time and costs in captions.
+- `--table pool`: the preset, whose grid cells hold the mean of the colour path's features, beside the same with
+  their maximum (`CNNConfig.colour_pool`): whether a small object's colour, as strong in its cell as a large one's,
+  keeps the held-out pairs from being named as pairs of training (`bench/errors.py`, measurement 4).
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -43,6 +46,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table budget --seed 1       # the same from another init and batch order
     .venv/bin/python bench/captioner.py --table cnn --threads 2       # 3 runs of the cpu preset (about 35 minutes)
     .venv/bin/python bench/captioner.py --table precision --threads 2 # 2 runs of the cpu preset (about 30 minutes)
+    .venv/bin/python bench/captioner.py --table pool --seed 1         # 2 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -59,7 +63,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget", "cnn", "precision")
+TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget", "cnn", "precision", "pool")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -83,6 +87,7 @@ BUDGETS = {  # row label: the share of the preset's images (and steps), its batc
 BUDGET_KEYS = ("share", "batch_scale", "lr_scale")  # a budget row's changes, applied to the recipe, not the captioner
 LAST_STAGES = ((160, 2), (128, 1), (96, 2))  # (channels, residual blocks) of the CNN's last stage; the preset's first
 PRECISION_ROWS = {"float32": "fp32", "bfloat16 autocast": "bf16"}  # row label: TrainConfig.precision
+POOL_ROWS = {"colour path: each cell's mean": "mean", "colour path: each cell's maximum": "max"}  # CNNConfig.colour_pool
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -106,6 +111,8 @@ def rows(table: str) -> list[tuple[str, dict]]:
         return [(f"last stage: {c} channels, {n} block{'s' * (n > 1)}", {"last_stage": [c, n]}) for c, n in LAST_STAGES]
     if table == "precision":
         return [(label, {"precision": p}) for label, p in PRECISION_ROWS.items()]
+    if table == "pool":
+        return [(label, {"colour_pool": pool}) for label, pool in POOL_ROWS.items()]
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
@@ -121,9 +128,9 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
         (c, n), base = changes["last_stage"], CNN_PRESETS[config.captioner.cnn_preset]
         changes = {**{k: v for k, v in changes.items() if k != "last_stage"},
                    "widths": (*base.widths[:-1], c), "blocks": (*base.blocks[:-1], n)}  # fmt: skip
-    cnn_changes = {k: v for k, v in changes.items() if k in ("stem", "colour", "widths", "blocks")}
+    cnn_changes = {k: v for k, v in changes.items() if k in ("stem", "colour", "widths", "blocks", "colour_pool")}
     if cnn_changes:  # a CNN preset of its own, for this process only: the preset's CNN with another stem, colour
-        # path or last stage
+        # path, last stage or colour pooling
         cnn = ", ".join([config.captioner.cnn_preset, *(f"{k} {v}" for k, v in cnn_changes.items())])
         CNN_PRESETS[cnn] = replace(CNN_PRESETS[config.captioner.cnn_preset], **cnn_changes)
         changes = {**{k: v for k, v in changes.items() if k not in cnn_changes}, "cnn_preset": cnn}

@@ -60,10 +60,11 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-__all__ = ["CNNConfig", "CNN_PRESETS", "ENCODERS", "check_images", "ColourBlindConv", "ResidualBlock", "SmallCNN",
-           "ResNetTrunk", "build_encoder"]
+__all__ = ["CNNConfig", "CNN_PRESETS", "ENCODERS", "COLOUR_POOLS", "check_images", "ColourBlindConv", "ResidualBlock",
+           "SmallCNN", "ResNetTrunk", "build_encoder"]
 
 ENCODERS = ("cnn", "resnet18")  # the names build_encoder knows
+COLOUR_POOLS = ("mean", "max")  # CNNConfig.colour_pool: a cell's colour features, averaged or their maximum
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class CNNConfig:
     groups: int = 8  # GroupNorm groups; every width must be divisible by it
     stem: int = 0  # C of a stride-1 convolution at full resolution before the first stage (0: none)
     colour: int = 0  # C of a separate colour path (0: none); with one, the layers above are colour-blind
+    colour_pool: str = "mean"  # how a cell summarises the colour path: "mean" (how much of each colour feature) or
+    # "max" (its strongest pixel: a small object's colour as strong as a large one's)
 
     def __post_init__(self):
         if len(self.widths) != len(self.blocks) or not self.widths:
@@ -91,6 +94,8 @@ class CNNConfig:
         for name in ("stem", "colour"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 channels, got {getattr(self, name)}")
+        if self.colour_pool not in COLOUR_POOLS:
+            raise ValueError(f"colour_pool must be one of {COLOUR_POOLS}, got {self.colour_pool!r}")
         if min(self.blocks) < 0:
             raise ValueError(f"blocks per stage must be >= 0, got {self.blocks}")
         if self.final_size < self.grid or self.final_size % self.grid:
@@ -208,8 +213,9 @@ class SmallCNN(nn.Module):
         check_images(images, self.config.image_size)
         x = self.layers(images)  # (B, C, S / 2^stages, S / 2^stages)
         x = F.adaptive_avg_pool2d(x, self.config.grid)  # (B, C, grid, grid): each cell the mean of its region
-        if self.colour is not None:  # the share of each colour feature in each cell, beside its shape features
-            x = torch.cat([x, F.adaptive_avg_pool2d(self.colour(images), self.config.grid)], dim=1)
+        if self.colour is not None:  # each cell's colour features (mean or maximum), beside its shape features
+            pool = F.adaptive_max_pool2d if self.config.colour_pool == "max" else F.adaptive_avg_pool2d
+            x = torch.cat([x, pool(self.colour(images), self.config.grid)], dim=1)
         return rearrange(x, "b c h w -> b (h w c)")  # (B, F)
 
 

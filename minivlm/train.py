@@ -80,7 +80,7 @@ BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "worker
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
 ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups")
 CAPTIONER_ADDED_FIELDS = ("prefix_depth", "word_view")  # the same, of CaptionerConfig
-CNN_ADDED_FIELDS = ("colour",)  # the same, of CNNConfig
+CNN_ADDED_FIELDS = ("colour", "colour_pool")  # the same, of CNNConfig
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
 PASSED = "passed to train()"  # the LM source recorded when the LM was an argument, not a spec
 CAPTIONER_CACHE_VERSION = 2  # bump when training code or data change what a config trains: cached captioners retrain (2: canonical captions)

@@ -105,6 +105,22 @@ def test_captioner_colour_table_trains_the_preset_with_and_without_a_colour_path
     assert set(with_colour["metrics"]) == {"test", "heldout"}
 
 
+def test_captioner_pool_table_trains_the_preset_with_each_colour_pooling(monkeypatch):
+    bench = load_bench("captioner.py", monkeypatch)
+    assert [c for _, c in bench.rows("pool")] == [{"colour_pool": "mean"}, {"colour_pool": "max"}]
+    from minivlm.cnn import CNN_PRESETS
+
+    tiny = replace(CNN_PRESETS["tiny"], colour=8)  # the tiny preset has no colour path: give it one
+    monkeypatch.setitem(CNN_PRESETS, "tiny", tiny)
+    for pool in ("mean", "max"):  # the entries a run adds are removed afterwards
+        monkeypatch.setitem(CNN_PRESETS, f"tiny, colour_pool {pool}", None)
+    mean, most = (bench.run_one("tiny", 2, 4, {"colour_pool": pool}) for pool in ("mean", "max"))
+    assert CNN_PRESETS["tiny, colour_pool max"] == replace(tiny, colour_pool="max")
+    assert CNN_PRESETS["tiny, colour_pool mean"] == tiny  # the preset's own pooling: the preset
+    assert mean["trained_parameters"] == most["trained_parameters"]  # pooling has no weights
+    assert set(most["metrics"]) == {"test", "heldout"}
+
+
 def test_captioner_cnn_table_trains_the_preset_with_cheaper_last_stages(monkeypatch):
     bench = load_bench("captioner.py", monkeypatch)
     from minivlm.cnn import CNN_PRESETS

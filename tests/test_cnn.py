@@ -125,6 +125,24 @@ def test_colour_path_leaves_the_cnn_colour_blind():
     assert (plain - plain[:1]).abs().amax() > 0.1
 
 
+def test_colour_pool_summarises_each_cell_by_its_mean_or_its_maximum():
+    """A cell's colour features: the mean of its pixels' (the default), or their maximum ("max"); shapes as before."""
+    torch.manual_seed(0)
+    images = _one_square_in_each_colour()
+    mean, most = (SmallCNN(replace(TINY, colour=8, colour_pool=pool)).eval() for pool in ("mean", "max"))
+    most.load_state_dict(mean.state_dict())  # the same weights: only the pooling differs
+    with torch.no_grad():
+        pixels = mean.colour(images)  # (B, 8, 32, 32): the colour path, pixel by pixel
+        by_mean, by_max = (rearrange(m(images), "b (cell c) -> b cell c", c=TINY.widths[-1] + 8) for m in (mean, most))
+    cells = rearrange(pixels, "b c (gh h) (gw w) -> b (gh gw) c (h w)", gh=TINY.grid, gw=TINY.grid)  # 8 x 8 per cell
+    assert_close(by_mean[..., -8:], cells.mean(-1))
+    assert_close(by_max[..., -8:], cells.amax(-1))
+    assert torch.equal(by_mean[..., :-8], by_max[..., :-8])  # the shape features are not pooled differently
+    assert (by_max[..., -8:] >= by_mean[..., -8:] - 1e-6).all() and not torch.equal(by_max, by_mean)
+    with pytest.raises(ValueError, match="colour_pool must be one of"):
+        CNNConfig(colour=8, colour_pool="median")
+
+
 def test_integer_images_are_an_error():
     with pytest.raises(ValueError, match="expected float images"):
         SmallCNN(TINY)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
