@@ -104,10 +104,10 @@ def true_after_moving(prediction: str, scene: S.Scene, pixels: float, image_size
 
 def kinds_of_error(predictions: Sequence[str], scenes: Sequence[S.Scene], image_size: int) -> dict:
     """{kind: share of all captions} and, for the first kind, the share true after moving the objects by MOVES."""
-    kinds = Counter(error_kind(p, sc) for p, sc in zip(predictions, scenes))
-    near = dict.fromkeys(MOVES, 0)
-    for p, sc in zip(predictions, scenes):
-        if error_kind(p, sc) == KINDS[0]:
+    each = [error_kind(p, sc) for p, sc in zip(predictions, scenes)]
+    kinds, near = Counter(each), dict.fromkeys(MOVES, 0)
+    for p, sc, kind in zip(predictions, scenes, each):
+        if kind == KINDS[0]:
             for pixels in MOVES:
                 near[pixels] += true_after_moving(p, sc, pixels, image_size)
     n = len(predictions)
@@ -184,22 +184,23 @@ def images_of(scenes: Sequence[S.Scene], image_size: int) -> Tensor:
     return torch.from_numpy(S.render_batch(scenes, image_size)).permute(0, 3, 1, 2).float() / 255
 
 
-def painted_pairs(scenes: dict[str, Sequence[S.Scene]]) -> dict[str, list[tuple[S.Scene, S.Scene, S.Obj]]]:
-    """(scene, the scene repainted, the object repainted) for both experiments of measurement 4.
+def painted_pairs(scenes: dict[str, Sequence[S.Scene]]) -> dict[str, tuple[str, list[tuple[int, S.Scene, int]]]]:
+    """Both experiments of measurement 4: {name: (split, [(scene index, the scene repainted, object index)])}.
 
     "held-out object painted purple": each held-out scene's held-out object, in FREE; "purple object painted its
     held-out colour": each test scene's FREE object, in the colour no training image gives its shape.
     """
-    out: dict[str, list] = {"held-out object painted purple": [], "purple object painted its held-out colour": []}
-    for scene in scenes["heldout"]:
+    purple, held_out = [], []
+    for i, scene in enumerate(scenes["heldout"]):
         obj = held_out_object(scene)
         if (new := repainted(scene, obj, FREE)) is not None:
-            out["held-out object painted purple"].append((scene, new, obj))
-    for scene in scenes["test"]:
+            purple.append((i, new, scene.objects.index(obj)))
+    for i, scene in enumerate(scenes["test"]):
         obj = next((o for o in scene.objects if o.colour == FREE), None)
         if obj is not None and (new := repainted(scene, obj, HELD_OUT_COLOUR[obj.shape])) is not None:
-            out["purple object painted its held-out colour"].append((scene, new, obj))
-    return out
+            held_out.append((i, new, scene.objects.index(obj)))
+    return {"held-out object painted purple": ("heldout", purple),
+            "purple object painted its held-out colour": ("test", held_out)}
 
 
 def centre_cell(obj: S.Obj, grid: int) -> int:
@@ -282,6 +283,7 @@ def main() -> None:
     train_x, train_y = cell_rows(probe_features, [probe_world.scene(i) for i in range(n_probe)], captioner.encoder,
                                  lambda o: True)  # fmt: skip
     probe = {}
+    torch.manual_seed(0)  # the probes' initial weights: the same numbers on every run
     for k in COUNTS:
         rows = [i for i, sc in enumerate(scenes["heldout"]) if len(sc.objects) == k]
         if rows:
@@ -302,20 +304,20 @@ def main() -> None:
     painted = results["painted"] = {}
     print("\n4. the same scenes with one object repainted, nothing else changed: that object's shape named right (%)")
     print(f"{'':<44}{'objects in the scene':>22}{'scenes':>8}{'before':>9}{'after':>9}")
-    for name, rows in painted_pairs(scenes).items():
+    for name, (split, rows) in painted_pairs(scenes).items():
         painted[name] = {}
         for k in COUNTS:
-            chosen = [(before, after, obj) for before, after, obj in rows if len(before.objects) == k]
+            chosen = [(i, new, j) for i, new, j in rows if len(new.objects) == k]
             if not chosen:
                 continue
-            said = generate(captioner, images_of([after for _, after, _ in chosen], size), tokenizer, config.max_length)
-            said_before = generate(captioner, images_of([b for b, _, _ in chosen], size), tokenizer, config.max_length)
+            said = generate(captioner, images_of([new for _, new, _ in chosen], size), tokenizer, config.max_length)
             before = after = 0
-            for p_before, p_after, (b, a, obj) in zip(said_before, said, chosen):
-                before += shape_said(p_before, obj.colour) == obj.shape
-                after += shape_said(p_after, a.objects[b.objects.index(obj)].colour) == obj.shape
-            painted[name][k] = {"scenes": len(chosen), "before": before / len(chosen), "after": after / len(chosen)}
-            row = painted[name][k]
+            for p, (i, new, j) in zip(said, chosen):
+                obj = scenes[split][i].objects[j]
+                before += shape_said(predictions[split][i], obj.colour) == obj.shape  # section 1's caption
+                after += shape_said(p, new.objects[j].colour) == obj.shape
+            row = painted[name][k] = {"scenes": len(chosen), "before": before / len(chosen),
+                                      "after": after / len(chosen)}  # fmt: skip
             print(f"{name:<44}{k:>22}{len(chosen):>8}{100 * row['before']:>9.1f}{100 * row['after']:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:

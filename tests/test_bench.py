@@ -520,14 +520,16 @@ def test_errors_repaints_one_object_and_nothing_else(monkeypatch):
     test = S.canonical(S.Scene((triangle, circle), ("to the left of",)))  # a test scene with a purple circle
     pairs = bench.painted_pairs({"heldout": [held, S.Scene((S.Obj("square", "yellow", "small", 0.5, 0.5),), ())],
                                  "test": [test]})  # fmt: skip
-    purple = pairs["held-out object painted purple"]
-    assert len(purple) == 1 and purple[0][1].objects[0] == replace(S.Obj("square", "yellow", "small", 0.5, 0.5),
-                                                                   colour="purple")  # fmt: skip
-    (before, after, obj), = pairs["purple object painted its held-out colour"]
-    assert before is test and obj == circle and after.objects[1].colour == "blue" == bench.HELD_OUT_COLOUR["circle"]
+    split, purple = pairs["held-out object painted purple"]
+    assert split == "heldout" and len(purple) == 1  # the first scene is skipped: its circle is purple already
+    assert purple[0][0] == 1 and purple[0][2] == 0 and purple[0][1].objects[0].colour == "purple"
+    split, [(i, after, j)] = pairs["purple object painted its held-out colour"]
+    assert (split, i, j) == ("test", 0, 1) and test.objects[j] == circle
+    assert after.objects[j].colour == "blue" == bench.HELD_OUT_COLOUR["circle"]
     images = bench.images_of([test, after], 32)
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     world = S.ShapesWorld("test", 32, 1, 1)
     assert torch.equal(bench.images_of([world.scene(0)], 32)[0], bench.ShapesCaptions(world)[0][0])  # as training
     blue = S.canonical(S.Scene((replace(triangle, colour="blue"), circle), ("to the left of",)))
-    assert bench.painted_pairs({"heldout": [], "test": [blue]})["purple object painted its held-out colour"] == []
+    assert bench.painted_pairs({"heldout": [], "test": [blue]})["purple object painted its held-out colour"] == (
+        "test", [])  # the triangle is blue already: skipped
