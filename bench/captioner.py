@@ -1,7 +1,7 @@
 """The captioner, measured: the controls, the ablation over prefix length and mapper, the stem, the depth, the colour,
 the mapper of the preset, the budget, the CNN's last stage, the precision, the colour path's pooling.
 
-Ten tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
+Eleven tables, each row a captioner trained from scratch (`minivlm.train.train`) against the course LM
 (pretrained once, or read from the cache) and scored on new test and held-out images:
 
 - `--table controls`: the course's run (frozen pretrained LM) beside Frozen's two controls, a frozen
@@ -31,6 +31,9 @@ Ten tables, each row a captioner trained from scratch (`minivlm.train.train`) ag
 - `--table pool`: the preset, whose grid cells hold the mean of the colour path's features, beside the same with
   their maximum (`CNNConfig.colour_pool`): whether a small object's colour, as strong in its cell as a large one's,
   keeps the held-out pairs from being named as pairs of training (`bench/errors.py`, measurement 4).
+- `--table swap`: the preset beside the same with 30% of the colour words in its captions' inputs swapped for other
+  colours, their labels kept (`TrainConfig.colour_swap`): whether a captioner that cannot trust the colour it has
+  said reads the held-out pairs' shapes from the image instead of from the colour (`bench/errors.py`).
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).
@@ -47,6 +50,7 @@ Run from the repository root:
     .venv/bin/python bench/captioner.py --table cnn --threads 2       # 3 runs of the cpu preset (about 35 minutes)
     .venv/bin/python bench/captioner.py --table precision --threads 2 # 2 runs of the cpu preset (about 30 minutes)
     .venv/bin/python bench/captioner.py --table pool --seed 1         # 2 runs of the cpu preset (about 20 minutes)
+    .venv/bin/python bench/captioner.py --table swap --seed 1         # 2 runs of the cpu preset (about 20 minutes)
     .venv/bin/python bench/captioner.py --quick                       # every table on the tiny preset: seconds
 """
 
@@ -63,7 +67,7 @@ from dataclasses import replace
 
 import torch
 
-TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget", "cnn", "precision", "pool")
+TABLES = ("controls", "ablation", "stem", "depth", "colour", "mapper", "budget", "cnn", "precision", "pool", "swap")
 CONTROLS = {  # row label: changes to the preset's TrainConfig (lm_init) and CaptionerConfig (train_lm)
     "frozen pretrained LM (the course)": {},
     "frozen random LM (control)": {"lm_init": "random"},
@@ -88,6 +92,8 @@ BUDGET_KEYS = ("share", "batch_scale", "lr_scale")  # a budget row's changes, ap
 LAST_STAGES = ((160, 2), (128, 1), (96, 2))  # (channels, residual blocks) of the CNN's last stage; the preset's first
 PRECISION_ROWS = {"float32": "fp32", "bfloat16 autocast": "bf16"}  # row label: TrainConfig.precision
 POOL_ROWS = {"colour path: each cell's mean": "mean", "colour path: each cell's maximum": "max"}  # CNNConfig.colour_pool
+TRAINER_FIELDS = ("lm_init", "seed", "precision", "colour_swap")  # changes that are TrainConfig's, not the captioner's
+SWAP_ROWS = {"colour words as they are": 0.0, "30% of colour words swapped": 0.3}  # TrainConfig.colour_swap
 SHOWN = ("exact match", "colour", "shape", "size", "relation", "CIDEr")  # metrics in the printed table
 
 
@@ -113,6 +119,8 @@ def rows(table: str) -> list[tuple[str, dict]]:
         return [(label, {"precision": p}) for label, p in PRECISION_ROWS.items()]
     if table == "pool":
         return [(label, {"colour_pool": pool}) for label, pool in POOL_ROWS.items()]
+    if table == "swap":
+        return [(label, {"colour_swap": p}) for label, p in SWAP_ROWS.items()]
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
@@ -146,8 +154,7 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     lm, tokenizer = load_frozen_lm(config.lm)  # before the clock: loading is not training
     if changes.get("prefix_depth") == "every":  # the LM's every block
         changes = {**changes, "prefix_depth": len(lm.transformer.h)}
-    trainer = {k: v for k, v in changes.items() if k in ("lm_init", "seed", "precision")}  # TrainConfig's; the rest
-    # the captioner's
+    trainer = {k: v for k, v in changes.items() if k in TRAINER_FIELDS}  # TrainConfig's; the rest the captioner's
     vision = {k: v for k, v in changes.items() if k not in trainer}
     config = replace(config, captioner=replace(config.captioner, **vision), **trainer)
     cuda = torch.cuda.is_available()
@@ -166,6 +173,7 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
         "train_images": config.train_images,
         "lr": config.lr,
         "precision": config.precision,
+        "colour_swap": config.colour_swap,
         "train_seconds": round(seconds, 1),
         "images_per_second": round(config.steps * config.batch_size / seconds, 1),
         "trained_parameters": sum(p.numel() for p in captioner.trainable_parameters()),

@@ -53,6 +53,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """An argparse type: a number in [0, 1], or argparse's one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minivlm.decoding import STRATEGIES
     from minivlm.gpt2 import PRESETS
@@ -116,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "save_pretrained directory (default: the preset's)")  # fmt: skip
     train.add_argument("--seed", type=non_negative_int, help="the vision side's init and the batch order (default: "
                        "the preset's, 0); the held-out split's exact match moves with it (README)")  # fmt: skip
+    train.add_argument("--colour-swap", type=probability, metavar="P", help="the chance that each colour word of a "
+                       "caption's input is swapped for another colour, its label kept, so that the shape after it "
+                       "must come from the image (default: the preset's, 0; README)")  # fmt: skip
     train.add_argument("--out", default="runs/captioner", metavar="DIR",
                        help="checkpoint folder (default: runs/captioner)")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -216,13 +230,13 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
 
 def train_config(preset: str, steps: int | None = None, *, lm: str | None = None, lm_init: str | None = None,
                  compile: bool | None = None, word_alignment: float | None = None, seed: int | None = None,
-                 **captioner_changes):  # fmt: skip
+                 colour_swap: float | None = None, **captioner_changes):  # fmt: skip
     """A TRAIN_PRESETS config with the options given on the command line (None: the preset's) changed."""
     from minivlm.train import TRAIN_PRESETS
 
     config = TRAIN_PRESETS[preset]
     given = (("lm", lm), ("lm_init", lm_init), ("compile", compile), ("word_alignment", word_alignment),
-             ("seed", seed))
+             ("seed", seed), ("colour_swap", colour_swap))
     changes = {k: v for k, v in given if v is not None}
     if steps is not None:
         changes |= {"steps": steps, "warmup": min(config.warmup, steps // 10)}
@@ -237,9 +251,9 @@ def run_train(args: argparse.Namespace) -> int:
     from minivlm.train import train
 
     config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, compile=args.compile,
-                          word_alignment=args.word_alignment, seed=args.seed, mapper=args.mapper,
-                          prefix_length=args.prefix_length, prefix_depth=args.prefix_depth, word_view=args.word_view,
-                          train_lm=args.train_lm or None)  # fmt: skip
+                          word_alignment=args.word_alignment, seed=args.seed, colour_swap=args.colour_swap,
+                          mapper=args.mapper, prefix_length=args.prefix_length, prefix_depth=args.prefix_depth,
+                          word_view=args.word_view, train_lm=args.train_lm or None)  # fmt: skip
     out = Path(args.out)
     with distributed.process_group():  # under torchrun: train() finds the group up; rank 0 reports below
         try:

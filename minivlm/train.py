@@ -62,8 +62,8 @@ from tqdm.auto import tqdm
 from minivlm import distributed
 from minivlm.captioner import CAPTIONER_PRESETS, Captioner, CaptionerConfig
 from minivlm.cnn import CNN_PRESETS, CNNConfig
-from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions
-from minivlm.data.shapes import ShapesWorld
+from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions, swap_words, word_ids
+from minivlm.data.shapes import COLOURS, ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.lm import freeze, learning_rate, load_frozen_lm
 from minivlm.prefix import word_alignment_loss, word_view_loss
@@ -78,7 +78,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # autocast: bfloat16 on a GPU and float32
 # fields a resumed run may change: they decide how fast and how loudly it runs, not what it learns
 BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch", "length_groups")
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
-ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups")
+ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups", "colour_swap")
 CAPTIONER_ADDED_FIELDS = ("prefix_depth", "word_view")  # the same, of CaptionerConfig
 CNN_ADDED_FIELDS = ("colour", "colour_pool")  # the same, of CNNConfig
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
@@ -109,6 +109,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # the gradients' global norm is clipped to this
     seed: int = 0  # the vision side's init, the batch order, and the random LM of lm_init="random"
     word_alignment: float = 0.0  # weight of prefix.word_alignment_loss beside the caption's (0: captioning alone)
+    colour_swap: float = 0.0  # the chance that each colour word of a caption's input is swapped for another colour,
+    # its label kept (`minivlm.data.captions.swap_words`): the shape after it must come from the image (0: never)
     # bookkeeping: none of it changes what is learned (see BOOKKEEPING)
     sample_every: int = 250  # print sample captions every this many steps (0: never)
     checkpoint_every: int = 500  # with an out_dir, save a checkpoint every this many steps and at the end
@@ -142,6 +144,8 @@ class TrainConfig:
         for name in ("weight_decay", "sample_every", "data_seed", "seed", "workers", "word_alignment", "length_groups"):
             if not getattr(self, name) >= 0:  # written so that NaN fails too
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.colour_swap <= 1:
+            raise ValueError(f"colour_swap must be a probability in [0, 1], got {self.colour_swap!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a token and EOT), got {self.max_length}")
 
@@ -601,12 +605,18 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
     if config.compile:
         model = torch.compile(model)  # the same weights as captioner, which checkpoints and samples use
     samples = torch.stack([dataset[i][0] for i in range(SAMPLES)]).to(device)  # (SAMPLES, 3, S, S)
+    colours = word_ids(tokenizer, COLOURS) if config.colour_swap else None  # (K,) the colour words' token ids
     bar = tqdm(loader, initial=start, total=config.steps, desc="training the captioner",
                disable=not (progress and main))  # fmt: skip
     for step, batch in enumerate(bar, start):
         lr = learning_rate(step, peak=config.lr, warmup=config.warmup, steps=config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if colours is not None:  # the inputs' colour words swapped at random, the labels not; the same draws for a
+            # step and rank whenever it runs, so a resumed run swaps as the whole run did
+            seed = np.random.SeedSequence([config.seed, step, distributed.rank()]).generate_state(1, np.uint64)[0]
+            draws = torch.Generator().manual_seed(int(seed))
+            batch["input_ids"] = swap_words(batch["input_ids"], colours, config.colour_swap, draws)
         images, ids, mask, labels = (batch[k].to(device, non_blocking=True)
                                      for k in ("images", "input_ids", "attention_mask", "labels"))  # fmt: skip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16(device)):

@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from minivlm.cnn import CNNConfig
@@ -103,6 +104,14 @@ def test_captioner_colour_table_trains_the_preset_with_and_without_a_colour_path
     assert CNN_PRESETS["tiny, colour 8"] == replace(CNN_PRESETS["tiny"], colour=8)
     assert with_colour["trained_parameters"] > without["trained_parameters"]  # the colour path and the wider mapper
     assert set(with_colour["metrics"]) == {"test", "heldout"}
+
+
+def test_captioner_swap_table_passes_colour_swap_to_training(monkeypatch):
+    bench = load_bench("captioner.py", monkeypatch)
+    assert [c for _, c in bench.rows("swap")] == [{"colour_swap": 0.0}, {"colour_swap": 0.3}]
+    assert bench.run_one("tiny", 2, 4, {"colour_swap": 0.0})["colour_swap"] == 0.0
+    with pytest.raises(ValueError, match="'red' is 2 tokens"):  # it reached train(): the tiny LM's BPE spells colours
+        bench.run_one("tiny", 2, 4, {"colour_swap": 0.3})  # in several tokens, which cannot be swapped
 
 
 def test_captioner_pool_table_trains_the_preset_with_each_colour_pooling(monkeypatch):

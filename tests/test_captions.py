@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions, caption_loader
+from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions, caption_loader, swap_words, word_ids
 from minivlm.data.folders import IMAGENET_MEAN, IMAGENET_STD, CocoCaptions, image_transform
-from minivlm.data.shapes import ShapesWorld
+from minivlm.data.shapes import COLOURS, ShapesWorld
 from minivlm.tokenizer import EOT, train_tokenizer
 
 S = 32  # image side
@@ -160,3 +160,37 @@ def test_loader_order_is_fixed_by_the_seed(dataset, tokenizer):
     assert order(1) != first
     loader = caption_loader(dataset, tokenizer, batch_size=4, max_length=64, shuffle=False)
     assert [c for batch in loader for c in batch["captions"]] == dataset.captions
+
+
+def test_swap_words_replaces_only_the_words_each_by_another_of_them():
+    words = torch.tensor([5, 7, 9])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([5, 7, 9, 1, 2]).repeat(4000, 1)  # (4000, 5): three words and two other tokens per row
+    swapped = swap_words(ids, words, 0.3, g)
+    assert torch.equal(swapped[:, 3:], ids[:, 3:])  # other tokens never change
+    changed = swapped[:, :3] != ids[:, :3]
+    assert 0.28 < changed.float().mean() < 0.32  # about p of the words
+    assert torch.isin(swapped[:, :3], words).all()  # each into another word, never itself (else it is not "changed")
+    for i, word in enumerate(words.tolist()):  # uniformly into the other two
+        into = swapped[:, i][changed[:, i]]
+        others = [w for w in words.tolist() if w != word]
+        counts = [(into == w).sum().item() for w in others]
+        assert sum(counts) == len(into) and min(counts) > 0.4 * len(into)
+    again = swap_words(ids, words, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(again, swapped)  # the generator decides
+    assert torch.equal(swap_words(ids, words, 0.0, g), ids)
+    assert (swap_words(ids, words, 1.0, g)[:, :3] != ids[:, :3]).all()
+    with pytest.raises(ValueError, match="probability"):
+        swap_words(ids, words, 1.5, g)
+
+
+def test_word_ids_are_the_words_single_tokens_or_a_clear_error(tokenizer):
+    world = ShapesWorld("train", image_size=S, seed=1, length=300)
+    larger = train_tokenizer([world.caption(i) for i in range(len(world))], vocab_size=400)  # a token per colour
+    ids = word_ids(larger, COLOURS)
+    caption = larger(" a large red circle", add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(COLOURS) and ids[0].item() in caption  # " red" as a caption writes it
+    with pytest.raises(ValueError, match="'red' is 3 tokens of this tokenizer, not one"):
+        word_ids(tokenizer, COLOURS)  # this module's BPE of 300 tokens spells "red" in 3
+    with pytest.raises(ValueError, match="two different words"):
+        word_ids(larger, ["red", "red"])

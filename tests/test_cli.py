@@ -137,6 +137,10 @@ def test_train_evaluate_caption_round_trip(tmp_path, cache, capsys):
     assert main(deeper) == 2  # the tiny course LM has 2 blocks
     assert "read by 1 to 2 blocks of this LM, got depth=3" in one_error_line(capsys)
     assert not (tmp_path / "deep").exists()  # nothing half-written
+    swapped = ["train", "--preset", "tiny", "--steps", "4", "--colour-swap", "0.3", "--out", str(tmp_path / "swap")]
+    assert main(swapped) == 2  # the tiny course LM's BPE spells colours in several tokens, which cannot be swapped
+    assert "'red' is 2 tokens of this tokenizer, not one" in one_error_line(capsys)
+    assert not (tmp_path / "swap").exists()
     assert main(["train", "--preset", "tiny", "--steps", "4", "--out", run]) == 2  # not overwritten without --resume
     assert "already holds a checkpoint: add --resume" in one_error_line(capsys)
 
@@ -164,6 +168,9 @@ def test_bad_options_and_checkpoints_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["train", "--preset", "tiny", "--seed", "-1"])
     assert done.value.code == 2 and "must be an integer of at least 0, got '-1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--preset", "tiny", "--colour-swap", "1.5"])
+    assert done.value.code == 2 and "must be a probability in [0, 1], got '1.5'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         main(["train", "--preset", "tiny", "--word-view", "five"])
     assert done.value.code == 2 and "must be an integer of at least 0, got 'five'" in capsys.readouterr().err

@@ -330,6 +330,10 @@ def test_the_cnn_presets_shape_is_part_of_the_cache_name(monkeypatch):
     other_pool = "max" if cpu.colour_pool == "mean" else "mean"  # a field younger than the cache counts when changed
     monkeypatch.setitem(cnn.CNN_PRESETS, "cpu", replace(cpu, colour_pool=other_pool))
     assert T._cache_name("cpu") != before
+    monkeypatch.setitem(cnn.CNN_PRESETS, "cpu", cpu)
+    assert T._cache_name("cpu") == before
+    monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(T.TRAIN_PRESETS["cpu"], colour_swap=0.3))  # and TrainConfig's
+    assert T._cache_name("cpu") != before
 
 
 def test_a_checkpoint_older_than_the_new_fields_resumes(lm, tokenizer, tmp_path):

@@ -246,11 +246,51 @@ def test_samples_are_printed_and_loss_curve_is_a_png(lm, tokenizer, run, tmp_pat
         save_loss_curve({"loss": []}, tmp_path / "empty.png")
 
 
+def test_colour_swap_changes_the_inputs_colour_words_not_the_labels_and_resumes_exactly(lm, tokenizer, run,
+                                                                                        tmp_path, monkeypatch):
+    """With colour_swap the LM reads other colours at some colour words, the loss still wants the true ones; a run
+    cut off and resumed swaps the same words as the whole run (the draws are a function of seed and step)."""
+    from minivlm.captioner import Captioner
+    from minivlm.data.captions import word_ids
+    from minivlm.data.shapes import COLOURS
+
+    _, unswapped, _ = run
+    colours, seen, forward = word_ids(tokenizer, COLOURS), [], Captioner.forward
+
+    def spy(self, images, input_ids, attention_mask=None, labels=None, **kwargs):
+        seen.append((input_ids.clone(), labels.clone()))
+        return forward(self, images, input_ids, attention_mask, labels, **kwargs)
+
+    monkeypatch.setattr(Captioner, "forward", spy)
+    config = replace(CONFIG, colour_swap=0.5)
+    model, history = train(config, lm=lm, tokenizer=tokenizer, progress=False)
+    assert len(seen) == config.steps and history["loss"] != unswapped["loss"]
+    for ids, labels in seen:
+        real = labels != -100
+        changed = real & (ids != labels)
+        assert changed.any()  # about half of each batch's colour words
+        assert torch.isin(labels[changed], colours).all() and torch.isin(ids[changed], colours).all()
+        assert changed.sum() < torch.isin(labels[real], colours).sum()  # not all of them
+
+    def crash(step, *_):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, progress=False, callback=crash)
+    resumed, resumed_history = train(config, lm=lm, tokenizer=tokenizer, out_dir=tmp_path, resume=True,
+                                     progress=False)  # fmt: skip
+    assert resumed_history == history
+    want, got = learned_state(model), learned_state(resumed)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("lm_init", "frozen"), ("steps", 0), ("warmup", 4), ("batch_size", 0), ("train_images", 4), ("lr", 0.0),
      ("max_length", 1), ("sample_every", -1), ("checkpoint_every", 0), ("word_alignment", -0.1),
-     ("word_alignment", float("nan")), ("length_groups", -1)],
+     ("word_alignment", float("nan")), ("length_groups", -1), ("colour_swap", -0.1), ("colour_swap", 1.5),
+     ("colour_swap", float("nan"))],
 )  # fmt: skip
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -20,6 +20,14 @@ The shapes world is small enough to render whole: `ShapesCaptions` draws every i
 at construction (60,000 images of 32 pixels in seconds), and keeps them as uint8, a quarter of the
 memory of float32; an item is converted to float only when it is asked for.
 
+`swap_words` is a training option of the captioner (`TrainConfig.colour_swap`): it replaces some of the
+caption's colour words in the *input* by other colours, and leaves the labels as they were. No training image
+has a green diamond, so in training "green" is never followed by "diamond", and a captioner can learn to take
+the shape from the colour it has just said instead of from the image; with swapped inputs, the word before a
+shape is no longer a reliable guide to it, and the shape must be read from the picture. A swap can put a held-out
+pair into the text the captioner reads ("green" before a diamond's "diamond"), as the course LM's own corpus has
+them; no training image shows one.
+
 Axis letters: N images in a split, B batch, T tokens, C channels (3), H height, W width.
 """
 
@@ -36,7 +44,7 @@ from torchvision.transforms.v2 import functional as F
 from minivlm.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from minivlm.data.shapes import ShapesWorld, caption, render_batch
 
-__all__ = ["IGNORE_INDEX", "ShapesCaptions", "CaptionCollator", "caption_loader"]
+__all__ = ["IGNORE_INDEX", "ShapesCaptions", "CaptionCollator", "caption_loader", "word_ids", "swap_words"]
 
 IGNORE_INDEX = -100  # label of a position the loss skips: cross_entropy's default ignore_index
 
@@ -128,3 +136,35 @@ def caption_loader(dataset: Dataset, tokenizer, *, batch_size: int, max_length: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       collate_fn=CaptionCollator(tokenizer, max_length),
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+def word_ids(tokenizer, words: Sequence[str]) -> torch.Tensor:
+    """(len(words),) the token id of each word as it is written inside a caption, after a space.
+
+    Each word must be one token of this tokenizer, or swapping it for another would change the caption's length.
+    """
+    ids = []
+    for word in words:
+        tokens = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ValueError(f"{word!r} is {len(tokens)} tokens of this tokenizer, not one; only words of one token "
+                             f"can be swapped for each other (the course LM's tokenizer has one for each colour)")
+        ids.append(tokens[0])
+    if len(set(ids)) < 2:
+        raise ValueError(f"swapping needs at least two different words, got {list(words)!r}")
+    return torch.tensor(ids)
+
+
+def swap_words(input_ids: torch.Tensor, words: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """input_ids (B, T) with each token that is one of `words` replaced, with probability p, by another of them.
+
+    The replacement is drawn uniformly from the other words, never the word itself; every other token stays.
+    A new tensor: the labels made from the same ids (`CaptionCollator`) keep the true words.
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    match = input_ids[..., None] == words  # (B, T, K): which of the K words each token is
+    which = match.float().argmax(dim=-1)  # (B, T) its index among the words (0 where it is none)
+    swap = match.any(dim=-1) & (torch.rand(input_ids.shape, generator=generator) < p)  # (B, T)
+    step = torch.randint(1, len(words), input_ids.shape, generator=generator)  # 1 .. K-1: never the same word
+    return torch.where(swap, words[(which + step) % len(words)], input_ids)
