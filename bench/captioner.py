@@ -124,6 +124,22 @@ def rows(table: str) -> list[tuple[str, dict]]:
     return [(f"P={p}, {m}", {"prefix_length": p, "mapper": m}) for m in MAPPERS for p in PREFIX_LENGTHS]
 
 
+def cannot_run(table: str, preset: str) -> str | None:
+    """Why `table` cannot run on `preset`, or None: swapping colour words needs a token for each colour."""
+    if table != "swap":
+        return None
+    from minivlm.data.captions import word_ids
+    from minivlm.data.shapes import COLOURS
+    from minivlm.lm import load_frozen_lm
+    from minivlm.train import TRAIN_PRESETS
+
+    try:
+        word_ids(load_frozen_lm(TRAIN_PRESETS[preset].lm)[1], COLOURS)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     """Train one captioner with `changes` and score it; what the row reports (runs in its own process)."""
     from minivlm.cnn import CNN_PRESETS
@@ -232,6 +248,9 @@ def main() -> None:
           f"{'cuda' if torch.cuda.is_available() else platform.processor() or platform.machine()}")  # fmt: skip
     everything = {"preset": preset, "steps": args.steps, "images": images, "seed": args.seed}
     for table in tables:
+        if (reason := cannot_run(table, preset)) is not None:
+            print(f"\n{table}: not run on the {preset!r} preset: {reason}")
+            continue
         results = []
         for label, changes in rows(table):
             changes = changes if args.seed is None else {**changes, "seed": args.seed}

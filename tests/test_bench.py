@@ -112,6 +112,8 @@ def test_captioner_swap_table_passes_colour_swap_to_training(monkeypatch):
     assert bench.run_one("tiny", 2, 4, {"colour_swap": 0.0})["colour_swap"] == 0.0
     with pytest.raises(ValueError, match="'red' is 2 tokens"):  # it reached train(): the tiny LM's BPE spells colours
         bench.run_one("tiny", 2, 4, {"colour_swap": 0.3})  # in several tokens, which cannot be swapped
+    assert bench.cannot_run("swap", "tiny").startswith("'red' is 2 tokens")  # so --quick leaves the table out
+    assert bench.cannot_run("pool", "tiny") is None
 
 
 def test_captioner_pool_table_trains_the_preset_with_each_colour_pooling(monkeypatch):
