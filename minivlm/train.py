@@ -23,7 +23,8 @@ Two control experiments run through the same loop; compare their loss curves wit
 
 Resuming is exact: on the CPU, a run stopped at step s and resumed ends with bit-identical weights and
 losses to a run that never stopped. Three things make it so. (1) The batch of step s is a pure function
-of (seed, s) (`batch_indices`), not of how far a data loader had got. (2) The optimiser's state is
+of (seed, s) (`batch_indices`), not of how far a data loader had got, and so are the colour words that
+`colour_swap` swaps in its captions. (2) The optimiser's state is
 saved with the weights: AdamW keeps two running averages for every weight, and restarting them at zero
 would change every later step. (3) The learning rate is a function of the step alone.
 
@@ -613,7 +614,8 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
         for group in optimizer.param_groups:
             group["lr"] = lr
         if colours is not None:  # the inputs' colour words swapped at random, the labels not; the same draws for a
-            # step and rank whenever it runs, so a resumed run swaps as the whole run did
+            # step and rank whenever it runs, so a resumed run swaps as the whole run did (with W ranks, each draws
+            # for its share of the batch: other words than one process would swap)
             seed = np.random.SeedSequence([config.seed, step, distributed.rank()]).generate_state(1, np.uint64)[0]
             draws = torch.Generator().manual_seed(int(seed))
             batch["input_ids"] = swap_words(batch["input_ids"], colours, config.colour_swap, draws)
