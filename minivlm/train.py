@@ -586,6 +586,8 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
            progress: bool, callback) -> tuple[Captioner, dict]:  # fmt: skip
     device = distributed.device()  # this rank's GPU, a GPU, or the CPU
     main = distributed.is_main()  # rank 0 (or the only process): the one that prints and writes
+    colours = word_ids(tokenizer, COLOURS) if config.colour_swap else None  # (K,) the colour words' token ids; first,
+    # as a tokenizer that spells a colour in several tokens is an error
     captioner = _build_captioner(config, lm).to(device).train()
     params = captioner.trainable_parameters()
     optimizer = _adamw(params, config)
@@ -606,7 +608,6 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
     if config.compile:
         model = torch.compile(model)  # the same weights as captioner, which checkpoints and samples use
     samples = torch.stack([dataset[i][0] for i in range(SAMPLES)]).to(device)  # (SAMPLES, 3, S, S)
-    colours = word_ids(tokenizer, COLOURS) if config.colour_swap else None  # (K,) the colour words' token ids
     bar = tqdm(loader, initial=start, total=config.steps, desc="training the captioner",
                disable=not (progress and main))  # fmt: skip
     for step, batch in enumerate(bar, start):
@@ -616,8 +617,8 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
         if colours is not None:  # the inputs' colour words swapped at random, the labels not; the same draws for a
             # step and rank whenever it runs, so a resumed run swaps as the whole run did (with W ranks, each draws
             # for its share of the batch: other words than one process would swap)
-            seed = np.random.SeedSequence([config.seed, step, distributed.rank()]).generate_state(1, np.uint64)[0]
-            draws = torch.Generator().manual_seed(int(seed))
+            entropy = np.random.SeedSequence([config.seed, step, distributed.rank()]).generate_state(1, np.uint64)[0]
+            draws = torch.Generator().manual_seed(int(entropy))
             batch["input_ids"] = swap_words(batch["input_ids"], colours, config.colour_swap, draws)
         images, ids, mask, labels = (batch[k].to(device, non_blocking=True)
                                      for k in ("images", "input_ids", "attention_mask", "labels"))  # fmt: skip
