@@ -42,26 +42,25 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer of at least 0")
 
 
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite float of at least 0, or argparse's one-line error."""
+def _float_in(text: str, high: float, wanted: str) -> float:
+    """float(text) if it is in [0, high] (NaN is not), else argparse's one-line error saying what was wanted."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text!r}")
+    if not 0 <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite float of at least 0, or argparse's one-line error."""
+    return _float_in(text, sys.float_info.max, "a number of at least 0")
 
 
 def probability(text: str) -> float:
     """An argparse type: a number in [0, 1], or argparse's one-line error."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text!r}")
-    return value
+    return _float_in(text, 1.0, "a probability in [0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
