@@ -63,7 +63,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -142,7 +142,8 @@ def cannot_run(table: str, preset: str) -> str | None:
 
 def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
     """Train one captioner with `changes` and score it; what the row reports (runs in its own process)."""
-    from minivlm.cnn import CNN_PRESETS
+    from minivlm.captioner import CaptionerConfig
+    from minivlm.cnn import CNN_PRESETS, CNNConfig
     from minivlm.lm import load_frozen_lm
     from minivlm.report import evaluate_splits
     from minivlm.train import TRAIN_PRESETS, train
@@ -152,7 +153,8 @@ def run_one(preset: str, steps: int | None, images: int, changes: dict) -> dict:
         (c, n), base = changes["last_stage"], CNN_PRESETS[config.captioner.cnn_preset]
         changes = {**{k: v for k, v in changes.items() if k != "last_stage"},
                    "widths": (*base.widths[:-1], c), "blocks": (*base.blocks[:-1], n)}  # fmt: skip
-    cnn_changes = {k: v for k, v in changes.items() if k in ("stem", "colour", "widths", "blocks", "colour_pool")}
+    cnn_fields = {f.name for f in fields(CNNConfig)} - {f.name for f in fields(CaptionerConfig)}  # the CNN's own
+    cnn_changes = {k: v for k, v in changes.items() if k in cnn_fields}
     if cnn_changes:  # a CNN preset of its own, for this process only: the preset's CNN with another stem, colour
         # path, last stage or colour pooling
         cnn = ", ".join([config.captioner.cnn_preset, *(f"{k} {v}" for k, v in cnn_changes.items())])
