@@ -63,14 +63,6 @@ def probability(text: str) -> float:
     return _float_in(text, 1.0, "a probability in [0, 1]")
 
 
-def share(text: str) -> float:
-    """An argparse type: a number in (0, 1], or argparse's one-line error."""
-    value = _float_in(text, 1.0, "a share in (0, 1]")
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from minivlm.decoding import STRATEGIES
     from minivlm.gpt2 import PRESETS
@@ -137,11 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--colour-swap", type=probability, metavar="P", help="the chance that each colour word of a "
                        "caption's input is swapped for another colour, its label kept, so that the shape after it "
                        "must come from the image (default: the preset's, 0; README)")  # fmt: skip
-    train.add_argument("--colour-swap-until", type=share, metavar="F", help="swap colour words only in the first "
-                       "share F of the steps, none after (default: the preset's, 1: every step)")  # fmt: skip
-    train.add_argument("--colour-swap-cut", action="store_true", default=None, help="after a caption's first "
-                       "swapped colour word, score the shape after it and ignore the rest of the caption (default: "
-                       "the preset's, off)")  # fmt: skip
     train.add_argument("--out", default="runs/captioner", metavar="DIR",
                        help="checkpoint folder (default: runs/captioner)")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -242,15 +229,13 @@ def run_pretrain_lm(args: argparse.Namespace) -> int:
 
 def train_config(preset: str, steps: int | None = None, *, lm: str | None = None, lm_init: str | None = None,
                  compile: bool | None = None, word_alignment: float | None = None, seed: int | None = None,
-                 colour_swap: float | None = None, colour_swap_until: float | None = None,
-                 colour_swap_cut: bool | None = None, **captioner_changes):  # fmt: skip
+                 colour_swap: float | None = None, **captioner_changes):  # fmt: skip
     """A TRAIN_PRESETS config with the options given on the command line (None: the preset's) changed."""
     from minivlm.train import TRAIN_PRESETS
 
     config = TRAIN_PRESETS[preset]
     given = (("lm", lm), ("lm_init", lm_init), ("compile", compile), ("word_alignment", word_alignment),
-             ("seed", seed), ("colour_swap", colour_swap), ("colour_swap_until", colour_swap_until),
-             ("colour_swap_cut", colour_swap_cut))
+             ("seed", seed), ("colour_swap", colour_swap))
     changes = {k: v for k, v in given if v is not None}
     if steps is not None:
         changes |= {"steps": steps, "warmup": min(config.warmup, steps // 10)}
@@ -266,7 +251,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = train_config(args.preset, args.steps, lm=args.lm, lm_init=args.lm_init, compile=args.compile,
                           word_alignment=args.word_alignment, seed=args.seed, colour_swap=args.colour_swap,
-                          colour_swap_until=args.colour_swap_until, colour_swap_cut=args.colour_swap_cut,
                           mapper=args.mapper, prefix_length=args.prefix_length, prefix_depth=args.prefix_depth,
                           word_view=args.word_view, train_lm=args.train_lm or None)  # fmt: skip
     out = Path(args.out)

@@ -63,8 +63,7 @@ from tqdm.auto import tqdm
 from minivlm import distributed
 from minivlm.captioner import CAPTIONER_PRESETS, Captioner, CaptionerConfig
 from minivlm.cnn import CNN_PRESETS, CNNConfig
-from minivlm.data.captions import (IGNORE_INDEX, CaptionCollator, ShapesCaptions, ignore_after_swap, swap_words,
-                                   word_ids)
+from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions, swap_words, word_ids
 from minivlm.data.shapes import COLOURS, ShapesWorld
 from minivlm.gpt2 import GPT2, GPT2Config
 from minivlm.lm import freeze, learning_rate, load_frozen_lm
@@ -80,8 +79,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # autocast: bfloat16 on a GPU and float32
 # fields a resumed run may change: they decide how fast and how loudly it runs, not what it learns
 BOOKKEEPING = ("sample_every", "checkpoint_every", "threads", "compile", "workers", "prefetch", "length_groups")
 # fields younger than the captioner cache: at their defaults they train as before and leave a cache name as it was
-ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups", "colour_swap",
-                "colour_swap_until", "colour_swap_cut")
+ADDED_FIELDS = ("precision", "compile", "workers", "prefetch", "word_alignment", "length_groups", "colour_swap")
 CAPTIONER_ADDED_FIELDS = ("prefix_depth", "word_view")  # the same, of CaptionerConfig
 CNN_ADDED_FIELDS = ("colour", "colour_pool")  # the same, of CNNConfig
 CONFIG, WEIGHTS, OPTIMIZER, HISTORY = "config.json", "trainable.safetensors", "optimizer.pt", "history.json"
@@ -114,10 +112,6 @@ class TrainConfig:
     word_alignment: float = 0.0  # weight of prefix.word_alignment_loss beside the caption's (0: captioning alone)
     colour_swap: float = 0.0  # the chance that each colour word of a caption's input is swapped for another colour,
     # its label kept (`minivlm.data.captions.swap_words`): the shape after it must come from the image (0: never)
-    colour_swap_until: float = 1.0  # the share of the steps, from the first, in which colour_swap swaps (1: all)
-    colour_swap_cut: bool = False  # after a caption's first swapped colour word, score its next token (the shape)
-    # and ignore the rest of its labels (`minivlm.data.captions.ignore_after_swap`): none of it is learned from a
-    # caption that names an object wrongly
     # bookkeeping: none of it changes what is learned (see BOOKKEEPING)
     sample_every: int = 250  # print sample captions every this many steps (0: never)
     checkpoint_every: int = 500  # with an out_dir, save a checkpoint every this many steps and at the end
@@ -153,9 +147,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.colour_swap <= 1:
             raise ValueError(f"colour_swap must be a probability in [0, 1], got {self.colour_swap!r}")
-        if not 0 < self.colour_swap_until <= 1:
-            raise ValueError(f"colour_swap_until must be a share of the steps in (0, 1], "
-                             f"got {self.colour_swap_until!r}")  # fmt: skip
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a token and EOT), got {self.max_length}")
 
@@ -623,16 +614,12 @@ def _train(config: TrainConfig, lm: nn.Module, tokenizer, lm_record: dict, out_d
         lr = learning_rate(step, peak=config.lr, warmup=config.warmup, steps=config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if colours is not None and step < config.colour_swap_until * config.steps:  # the inputs' colour words
-            # swapped at random (in the first colour_swap_until of the steps), the labels not; the same draws for a
+        if colours is not None:  # the inputs' colour words swapped at random, the labels not; the same draws for a
             # step and rank whenever it runs, so a resumed run swaps as the whole run did (with W ranks, each draws
             # for its share of the batch: other words than one process would swap)
             entropy = np.random.SeedSequence([config.seed, step, distributed.rank()]).generate_state(1, np.uint64)[0]
             draws = torch.Generator().manual_seed(int(entropy))
-            swapped = swap_words(batch["input_ids"], colours, config.colour_swap, draws)
-            if config.colour_swap_cut:
-                batch["labels"] = ignore_after_swap(batch["labels"], batch["input_ids"], swapped)
-            batch["input_ids"] = swapped
+            batch["input_ids"] = swap_words(batch["input_ids"], colours, config.colour_swap, draws)
         images, ids, mask, labels = (batch[k].to(device, non_blocking=True)
                                      for k in ("images", "input_ids", "attention_mask", "labels"))  # fmt: skip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16(device)):

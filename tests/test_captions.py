@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-from minivlm.data.captions import (IGNORE_INDEX, CaptionCollator, ShapesCaptions, caption_loader, ignore_after_swap,
-                                   swap_words, word_ids)
+from minivlm.data.captions import IGNORE_INDEX, CaptionCollator, ShapesCaptions, caption_loader, swap_words, word_ids
 from minivlm.data.folders import IMAGENET_MEAN, IMAGENET_STD, CocoCaptions, image_transform
 from minivlm.data.shapes import COLOURS, ShapesWorld
 from minivlm.tokenizer import EOT, train_tokenizer
@@ -183,20 +182,6 @@ def test_swap_words_replaces_only_the_words_each_by_another_of_them():
     assert (swap_words(ids, words, 1.0, g)[:, :3] != ids[:, :3]).all()
     with pytest.raises(ValueError, match="probability"):
         swap_words(ids, words, 1.5, g)
-
-
-def test_ignore_after_swap_keeps_the_labels_up_to_the_token_after_the_first_swap():
-    before = torch.tensor([[1, 5, 2, 3, 7, 4, 8], [1, 5, 2, 3, 7, 4, 8], [1, 5, 2, 3, 7, 4, 8]])
-    after = torch.tensor([[1, 5, 2, 3, 9, 4, 8], [1, 7, 2, 3, 5, 4, 8], [1, 5, 2, 3, 7, 4, 8]])  # swaps at 4; 1, 4; none
-    labels = before.clone()
-    labels[:, -1] = IGNORE_INDEX  # padding stays ignored
-    cut = ignore_after_swap(labels, before, after)
-    assert cut[0].tolist() == [1, 5, 2, 3, 7, 4, -100]  # the swapped word's label and the next one count
-    assert cut[1].tolist() == [1, 5, 2, -100, -100, -100, -100]  # from the first swap: a second changes nothing
-    assert torch.equal(cut[2], labels[2])  # no swap: every label
-    assert torch.equal(labels[:, :-1], before[:, :-1])  # a new tensor
-    with pytest.raises(ValueError, match="one shape"):
-        ignore_after_swap(labels[:, :3], before, after)
 
 
 def test_word_ids_are_the_words_single_tokens_or_a_clear_error(tokenizer):

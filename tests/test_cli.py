@@ -127,13 +127,12 @@ def test_train_evaluate_caption_round_trip(tmp_path, cache, capsys):
     run = str(tmp_path / "run")
     assert main(["train", "--preset", "tiny", "--steps", "4", "--mapper", "mlp", "--prefix-length", "3",
                  "--prefix-depth", "2", "--word-alignment", "0.5", "--word-view", "3", "--seed", "7",
-                 "--colour-swap-until", "0.5", "--colour-swap-cut", "--out", run]) == 0  # fmt: skip
+                 "--out", run]) == 0  # fmt: skip
     assert "trained 4 steps" in capsys.readouterr().out and (tmp_path / "run" / "loss.png").is_file()
     config = T.read_config(run)
     c = config.captioner
     assert (config.steps, c.mapper, c.prefix_length, c.prefix_depth, config.word_alignment) == (4, "mlp", 3, 2, 0.5)
     assert c.word_view == 3 and T.load_captioner(run).word_view == 3 and config.seed == 7
-    assert config.colour_swap_until == 0.5 and config.colour_swap_cut
     deeper = ["train", "--preset", "tiny", "--steps", "4", "--prefix-depth", "3", "--out", str(tmp_path / "deep")]
     assert main(deeper) == 2  # the tiny course LM has 2 blocks
     assert "read by 1 to 2 blocks of this LM, got depth=3" in one_error_line(capsys)
@@ -172,10 +171,6 @@ def test_bad_options_and_checkpoints_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["train", "--preset", "tiny", "--colour-swap", "1.5"])
     assert done.value.code == 2 and "must be a probability in [0, 1], got '1.5'" in capsys.readouterr().err
-    for until in ("0", "1.5", "nan"):
-        with pytest.raises(SystemExit) as done:
-            main(["train", "--preset", "tiny", "--colour-swap-until", until])
-        assert done.value.code == 2 and f"must be a share in (0, 1], got '{until}'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         main(["train", "--preset", "tiny", "--word-view", "five"])
     assert done.value.code == 2 and "must be an integer of at least 0, got 'five'" in capsys.readouterr().err

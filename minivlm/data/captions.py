@@ -26,9 +26,7 @@ has a green diamond, so in training "green" is never followed by "diamond", and 
 the shape from the colour it has just said instead of from the image; with swapped inputs, the word before a
 shape is no longer a reliable guide to it, and the shape must be read from the picture. A swap can put a held-out
 pair into the text the captioner reads ("green" before a diamond's "diamond"), as the course LM's own corpus has
-them; no training image shows one. `ignore_after_swap` (`TrainConfig.colour_swap_cut`) keeps the label right after
-a caption's first swapped word (the shape) and ignores the rest, which a captioner would otherwise learn from a
-caption that misnames an object.
+them; no training image shows one.
 
 Axis letters: N images in a split, B batch, T tokens, C channels (3), H height, W width.
 """
@@ -46,8 +44,7 @@ from torchvision.transforms.v2 import functional as F
 from minivlm.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from minivlm.data.shapes import ShapesWorld, caption, render_batch
 
-__all__ = ["IGNORE_INDEX", "ShapesCaptions", "CaptionCollator", "caption_loader", "word_ids", "swap_words",
-           "ignore_after_swap"]
+__all__ = ["IGNORE_INDEX", "ShapesCaptions", "CaptionCollator", "caption_loader", "word_ids", "swap_words"]
 
 IGNORE_INDEX = -100  # label of a position the loss skips: cross_entropy's default ignore_index
 
@@ -171,19 +168,3 @@ def swap_words(input_ids: torch.Tensor, words: torch.Tensor, p: float, generator
     swap = match.any(dim=-1) & (torch.rand(input_ids.shape, generator=generator) < p)  # (B, T)
     step = torch.randint(1, len(words), input_ids.shape, generator=generator)  # 1 .. K-1: never the same word
     return torch.where(swap, words[(which + step) % len(words)], input_ids)
-
-
-def ignore_after_swap(labels: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """labels (B, T) with each caption's labels ignored from the second token after its first swapped word on.
-
-    before, after: the input ids (B, T) without and with the swaps (`swap_words`). The swapped word's own label
-    (the true word, read from the tokens before it) and the next one (the shape after a colour, which must come
-    from the image) still count; what follows would be learned from a caption that names an object wrongly, so it is
-    set to IGNORE_INDEX. A caption with no swap keeps every label. A new tensor.
-    """
-    if not labels.shape == before.shape == after.shape:
-        raise ValueError(f"labels, before and after must have one shape, got {tuple(labels.shape)}, "
-                         f"{tuple(before.shape)} and {tuple(after.shape)}")  # fmt: skip
-    t = torch.arange(labels.shape[-1], device=labels.device)  # (T,)
-    first = torch.where(before != after, t, labels.shape[-1]).min(dim=-1, keepdim=True).values  # (B, 1); T: none
-    return labels.masked_fill(t > first + 1, IGNORE_INDEX)
