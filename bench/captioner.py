@@ -31,9 +31,10 @@ Eleven tables, each row a captioner trained from scratch (`minivlm.train.train`)
 - `--table pool`: the preset, whose grid cells hold the mean of the colour path's features, beside the same with
   their maximum (`CNNConfig.colour_pool`): whether a small object's colour, as strong in its cell as a large one's,
   keeps the held-out pairs from being named as pairs of training (`bench/errors.py`, measurement 4).
-- `--table swap`: the preset beside the same with 30% of the colour words in its captions' inputs swapped for other
-  colours, their labels kept (`TrainConfig.colour_swap`): whether a captioner that cannot trust the colour it has
-  said reads the held-out pairs' shapes from the image instead of from the colour (`bench/errors.py`).
+- `--table swap`: the preset with its captions' colour words as they are beside the same with 30% of them swapped
+  in the inputs for other colours, their labels kept (`TrainConfig.colour_swap`; the cpu preset's since
+  2026-12-08): whether a captioner that cannot trust the colour it has said reads the held-out pairs' shapes from
+  the image instead of from the colour (`bench/errors.py`).
 
 Each row runs in a fresh process, so its peak resident memory (CPU) or peak allocated memory (CUDA) is
 its own. Images per second count training steps only (not the LM's loading or the evaluation).

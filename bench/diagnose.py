@@ -168,6 +168,9 @@ def train_oracle(
 ) -> Captioner:
     """The oracle captioner: OracleEncoder and a fresh mapper, trained with the preset's recipe against the LM.
 
+    The recipe's colour swap (`TrainConfig.colour_swap`) is not applied: it keeps a captioner from naming a shape from
+    the colour before it, and the oracle's features state every shape exactly.
+
     train_lm=True is the control: a copy of the LM is fine-tuned along with the mapper (the `lm` passed
     in stays frozen and unchanged). Frozen against fine-tuned, with the same perfect features, tells
     whether what the oracle cannot say is out of reach of the LM's weights or only of its input prefix.

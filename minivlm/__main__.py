@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the preset's, 0); the held-out split's exact match moves with it (README)")  # fmt: skip
     train.add_argument("--colour-swap", type=probability, metavar="P", help="the chance that each colour word of a "
                        "caption's input is swapped for another colour, its label kept, so that the shape after it "
-                       "must come from the image (default: the preset's, 0; README)")  # fmt: skip
+                       "must come from the image (default: the preset's: 0.3 for cpu and cpu-words, else 0; "
+                       "README)")  # fmt: skip
     train.add_argument("--out", default="runs/captioner", metavar="DIR",
                        help="checkpoint folder (default: runs/captioner)")
     train.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")

@@ -193,6 +193,9 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
 # --table mapper`). Its prefix is read by all 4 blocks of the course LM
 # (prefix_depth): through its input alone, the small frozen LM rarely said three objects right, even given the
 # scenes' true attributes (`bench/diagnose.py --oracle-depth`).
+# 30% of its captions' colour words are swapped for another colour in the LM's input (colour_swap; the labels
+# stay true): the LM learns to name the shape from the image, not from the colour before it. Over seeds 0 to 4
+# it raised the worst held-out exact match from 79.0% to 89.9% (the README's "colour swap" section).
 # Every step sees 64 new images (179,200 = 2,800 steps of 64; rendering them takes seconds): with 20,000
 # images seen 9 times each, the deep prefix fit the training captions far better than new ones.
 # Its LM reads short, middling and long captions apart (length_groups), which skips most of a batch's padding.
@@ -203,7 +206,7 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
 # rendered once by each process.
 _CPU = TrainConfig(captioner=replace(CAPTIONER_PRESETS["cpu"], mapper="grid", prefix_length=16, prefix_depth=4,
                                      word_view=5),
-                   train_images=179_200, length_groups=3)  # fmt: skip
+                   train_images=179_200, length_groups=3, colour_swap=0.3)  # fmt: skip
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(lm="course:tiny", captioner=CAPTIONER_PRESETS["tiny"], train_images=512, max_length=64,
                         batch_size=16, steps=40, lr=3e-3, warmup=4, sample_every=20, checkpoint_every=20,

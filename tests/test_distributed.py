@@ -291,7 +291,8 @@ def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
     preset before them, whose `prefix_depth` is CaptionerConfig's default, keeps the name it had. And so did
     its CNN's colour path (`CNNConfig.colour`, 2026-12-06); the CNN presets without one keep their names. And
     its grid mapper (2026-12-07, `GridMapper`, P = 16), in place of the MLP's 4 vectors; and the word view of
-    the cpu preset (`CaptionerConfig.word_view`, later that day). The LM's key is part of every name: with the
+    the cpu preset (`CaptionerConfig.word_view`, later that day), and its colour swap (`TrainConfig.colour_swap`,
+    2026-12-08). The LM's key is part of every name: with the
     LM of binding by colour (LM CACHE_VERSION 8, 2026-12-07), every entry was renamed, and with CACHE_VERSION 7
     every name below is the one it had.
     """
@@ -299,10 +300,13 @@ def test_the_new_fields_retrain_no_cached_captioner(monkeypatch):
     from minivlm import lm as L
 
     assert T.CAPTIONER_CACHE_VERSION == 2 and L.CACHE_VERSION == 8
-    assert T._cache_name("tiny") == "tiny-eb073579ddad" and T._cache_name("cpu") == "cpu-79450a80b490"
+    assert T._cache_name("tiny") == "tiny-eb073579ddad" and T._cache_name("cpu") == "cpu-c6a247ee394b"
+    no_swap = replace(T.TRAIN_PRESETS["cpu"], colour_swap=0.0)
+    monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", no_swap)
+    assert T._cache_name("cpu") == "cpu-79450a80b490"  # the preset before its colour swap (2026-12-08)
     monkeypatch.setattr(L, "CACHE_VERSION", 7)  # the LMs of 2026-11-24 to 2026-12-07
     assert T._cache_name("tiny") == "tiny-801a54c4e1c5" and T._cache_name("cpu") == "cpu-2a1fd712bb73"
-    now = T.TRAIN_PRESETS["cpu"]
+    now = no_swap
     grid = replace(now, captioner=replace(now.captioner, word_view=0))
     monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", grid)
     assert T._cache_name("cpu") == "cpu-5f86c07f9cce"  # the grid preset before its word view (2026-12-07)
@@ -332,7 +336,7 @@ def test_the_cnn_presets_shape_is_part_of_the_cache_name(monkeypatch):
     assert T._cache_name("cpu") != before
     monkeypatch.setitem(cnn.CNN_PRESETS, "cpu", cpu)
     assert T._cache_name("cpu") == before
-    monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(T.TRAIN_PRESETS["cpu"], colour_swap=0.3))  # and TrainConfig's
+    monkeypatch.setitem(T.TRAIN_PRESETS, "cpu", replace(T.TRAIN_PRESETS["cpu"], colour_swap=0.1))  # and TrainConfig's
     assert T._cache_name("cpu") != before
 
 

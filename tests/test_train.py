@@ -285,6 +285,24 @@ def test_colour_swap_changes_the_inputs_colour_words_not_the_labels_and_resumes_
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_the_cpu_presets_colour_swap_fits_its_lm():
+    """The cpu preset swaps colour words (`colour_swap`), which needs each colour to be one token of its LM's BPE, or
+    its first training step would fail (the tiny LM's BPE spells colours in several tokens: a clear error,
+    tests/test_cli.py). The tokenizer is trained as the LM's pretraining trains it, without the LM (seconds)."""
+    from minivlm.data.captions import word_ids
+    from minivlm.data.shapes import COLOURS
+    from minivlm.lm import LM_PRESETS, _texts
+    from minivlm.tokenizer import train_tokenizer
+
+    preset = T.TRAIN_PRESETS["cpu"]
+    assert preset.colour_swap == 0.3 and T.TRAIN_PRESETS["cpu-words"].colour_swap == 0.3
+    assert preset.lm == "course"  # the course LM's cpu preset
+    lm_config = LM_PRESETS["cpu"]
+    tokenizer = train_tokenizer(_texts(lm_config, "tokenizer"), lm_config.vocab_size)
+    assert len(set(word_ids(tokenizer, COLOURS).tolist())) == len(COLOURS)
+    assert all(T.TRAIN_PRESETS[name].colour_swap == 0 for name in ("tiny", "gpu", "gpu-224"))
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("lm_init", "frozen"), ("steps", 0), ("warmup", 4), ("batch_size", 0), ("train_images", 4), ("lr", 0.0),
