@@ -194,8 +194,9 @@ _GPU = TrainConfig(lm="gpt2", captioner=replace(CAPTIONER_PRESETS["cpu"], image_
 # (prefix_depth): through its input alone, the small frozen LM rarely said three objects right, even given the
 # scenes' true attributes (`bench/diagnose.py --oracle-depth`).
 # 30% of its captions' colour words are swapped for another colour in the LM's input (colour_swap; the labels
-# stay true): the LM learns to name the shape from the image, not from the colour before it. Over seeds 0 to 4
-# it raised the worst held-out exact match from 79.0% to 89.9% (the README's "colour swap" section).
+# stay true): the captioner learns to have the frozen LM name a shape from the image, not from the colour before
+# it. Over seeds 0 to 4 it raised the worst held-out exact match from 79.0% to 89.9% (README: "A change that rescues
+# the failing seed").
 # Every step sees 64 new images (179,200 = 2,800 steps of 64; rendering them takes seconds): with 20,000
 # images seen 9 times each, the deep prefix fit the training captions far better than new ones.
 # Its LM reads short, middling and long captions apart (length_groups), which skips most of a batch's padding.

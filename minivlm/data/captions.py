@@ -20,8 +20,8 @@ The shapes world is small enough to render whole: `ShapesCaptions` draws every i
 at construction (60,000 images of 32 pixels in seconds), and keeps them as uint8, a quarter of the
 memory of float32; an item is converted to float only when it is asked for.
 
-`swap_words` is a training option of the captioner (`TrainConfig.colour_swap`): it replaces some of the
-caption's colour words in the *input* by other colours, and leaves the labels as they were. No training image
+`swap_words` serves the captioner's training (`TrainConfig.colour_swap`, 0.3 in the cpu preset): it replaces some of
+the caption's colour words in the *input* by other colours, and leaves the labels as they were. No training image
 has a green diamond, so in training "green" is never followed by "diamond", and a captioner can learn to take
 the shape from the colour it has just said instead of from the image; with swapped inputs, the word before a
 shape is no longer a reliable guide to it, and the shape must be read from the picture. A swap can put a held-out
