@@ -102,6 +102,11 @@ def test_colour_blind_conv_by_hand():
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
     per_channel = [torch.nn.functional.conv2d(padded[:, c : c + 1], kernel, stride=2).abs() for c in range(3)]
     assert_close(conv(images), torch.stack(per_channel).amax(0))
+    upstream = torch.randn(2, 4, 5, 5)  # and the same gradient for the kernel, through the max over R, G and B
+    (grad,) = torch.autograd.grad(conv(images), conv.weight, upstream)
+    kernel = conv.weight - conv.weight.mean(dim=(2, 3), keepdim=True)
+    per_channel = [torch.nn.functional.conv2d(padded[:, c : c + 1], kernel, stride=2).abs() for c in range(3)]
+    assert_close(grad, torch.autograd.grad(torch.stack(per_channel).amax(0), conv.weight, upstream)[0])
     flat = torch.ones(5, 3, 8, 8) * torch.rand(5, 3, 1, 1)  # five images, each one flat colour
     assert_close(conv(flat), torch.zeros(5, 4, 4, 4))
 
