@@ -168,8 +168,8 @@ class ColourBlindConv(nn.Module):
         kernel = self.weight - self.weight.mean(dim=(2, 3), keepdim=True)  # each sums to 0: blind to flat colour
         x = F.pad(rearrange(images, "b rgb h w -> (b rgb) 1 h w"), (1, 1, 1, 1), mode="replicate")  # no border edge
         x = F.conv2d(x, kernel, stride=self.stride)  # (B * 3, C, H', W')
-        # the strongest |response| of R, G and B, a max over a view: einops' reduce copied x with rgb last, a few per
-        # cent of a cpu-preset training step, for the same values and gradients (ties included)
+        # the strongest |response| of R, G and B, a max over a view: einops' reduce first copied x with rgb last
+        # (about 3 ms of a 0.2 s cpu-preset training step), for the same values and gradients, ties included
         return rearrange(x.abs(), "(b rgb) c h w -> b rgb c h w", rgb=3).amax(dim=1)
 
 
