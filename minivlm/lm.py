@@ -47,8 +47,8 @@ from minivlm.tokenizer import load_tokenizer, tokenizer_for_hub_model, train_tok
 
 __all__ = [
     "CourseLMConfig", "LM_PRESETS", "CACHE_VERSION", "BACKENDS", "cache_key", "cache_dir", "document_ranges",
-    "heldout_texts", "token_stream", "document_starts", "learning_rate", "next_token_loss", "pretrain", "evaluate_perplexity",
-    "course_lm", "freeze", "load_frozen_lm", "POSITION_INITS", "sinusoidal_positions",
+    "heldout_texts", "course_tokenizer", "token_stream", "document_starts", "learning_rate", "next_token_loss",
+    "pretrain", "evaluate_perplexity", "course_lm", "freeze", "load_frozen_lm", "POSITION_INITS", "sinusoidal_positions",
 ]  # fmt: skip
 
 # Bump when the corpus generator, the tokenizer or the training code change what a configuration
@@ -249,8 +249,14 @@ def pretrain(config: CourseLMConfig | str = "cpu", *, progress: bool = True) -> 
         torch.set_num_threads(threads)
 
 
+def course_tokenizer(config: CourseLMConfig | str = "cpu") -> PreTrainedTokenizerBase:
+    """The BPE tokenizer a course LM's pretraining trains first, from its corpus alone (seconds; no LM needed)."""
+    config = _resolve(config)[1]
+    return train_tokenizer(_texts(config, "tokenizer"), config.vocab_size)
+
+
 def _pretrain(config: CourseLMConfig, progress: bool) -> tuple[GPT2, PreTrainedTokenizerBase, dict]:
-    tokenizer = train_tokenizer(_texts(config, "tokenizer"), config.vocab_size)
+    tokenizer = course_tokenizer(config)
     stream = token_stream(tokenizer, list(_texts(config, "train")))  # (N,)
     if len(stream) < config.block_size:
         raise ValueError(f"the training stream has {len(stream)} tokens, fewer than block_size={config.block_size}")

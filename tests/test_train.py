@@ -288,17 +288,15 @@ def test_colour_swap_changes_the_inputs_colour_words_not_the_labels_and_resumes_
 def test_the_cpu_presets_colour_swap_fits_its_lm():
     """The cpu preset swaps colour words (`colour_swap`), which needs each colour to be one token of its LM's BPE, or
     its first training step would fail (the tiny LM's BPE spells colours in several tokens: a clear error,
-    tests/test_cli.py). The tokenizer is trained as the LM's pretraining trains it, without the LM (seconds)."""
+    tests/test_cli.py). `course_tokenizer` is the tokenizer the LM's pretraining trains, without the LM (seconds)."""
     from minivlm.data.captions import word_ids
     from minivlm.data.shapes import COLOURS
-    from minivlm.lm import LM_PRESETS, _texts
-    from minivlm.tokenizer import train_tokenizer
+    from minivlm.lm import course_tokenizer
 
     preset = T.TRAIN_PRESETS["cpu"]
     assert preset.colour_swap == 0.3 and T.TRAIN_PRESETS["cpu-words"].colour_swap == 0.3
     assert preset.lm == "course"  # the course LM's cpu preset
-    lm_config = LM_PRESETS["cpu"]
-    tokenizer = train_tokenizer(_texts(lm_config, "tokenizer"), lm_config.vocab_size)
+    tokenizer = course_tokenizer("cpu")
     assert len(set(word_ids(tokenizer, COLOURS).tolist())) == len(COLOURS)
     assert all(T.TRAIN_PRESETS[name].colour_swap == 0 for name in ("tiny", "gpu", "gpu-224"))
 
